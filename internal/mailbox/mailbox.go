@@ -1,0 +1,88 @@
+// Package mailbox defines the per-device mailbox: the durable, ordered
+// queue that holds what was accepted for a device until the device
+// acknowledges it. Backends live in sub-packages (pebble for a single node)
+// and must pass the mailboxtest conformance suite.
+package mailbox
+
+import (
+	"context"
+	"errors"
+	"time"
+
+	"github.com/courier-im/courier/internal/ident"
+)
+
+// Entry is one item in a device's mailbox.
+type Entry struct {
+	// Seq is the entry's position in the device's mailbox: strictly
+	// increasing in append order, never reused, starting at 1.
+	Seq uint64
+	// Time is when the entry was appended (used for retention).
+	Time time.Time
+	// Data is opaque to the mailbox (an encoded envelope).
+	Data []byte
+}
+
+// Item is one entry to append to one device's mailbox.
+type Item struct {
+	Device ident.Device
+	Data   []byte
+}
+
+// Batch is a set of appends made durable together, all or nothing.
+type Batch struct {
+	// Key, when not empty, makes the append idempotent: if a batch with the
+	// same key was committed before (and has not expired), nothing is
+	// appended and Append returns the Receipt stored with that earlier
+	// batch and Duplicate set.
+	Key string
+	// Receipt is stored with Key and returned for duplicates (for example
+	// the server id and time of the message).
+	Receipt []byte
+	Items   []Item
+	// Time is the append time recorded in every entry; zero means now.
+	Time time.Time
+}
+
+// Result reports what Append did.
+type Result struct {
+	// Seqs holds the seq assigned to each item, in order (nil for duplicates).
+	Seqs      []uint64
+	Duplicate bool
+	Receipt   []byte
+}
+
+// Store is a mailbox backend. All methods are safe for concurrent use.
+type Store interface {
+	// Append makes every item of b durable (on stable storage, not just in
+	// a page cache) before it returns without error. It is atomic: on error
+	// nothing was appended.
+	Append(ctx context.Context, b Batch) (Result, error)
+	// Read returns up to limit entries of dev's mailbox with Seq > after, in
+	// seq order.
+	Read(ctx context.Context, dev ident.Device, after uint64, limit int) ([]Entry, error)
+	// Delete removes the entries with the given seqs from dev's mailbox and
+	// returns those that were present (a seq already deleted or never
+	// appended is ignored). Deletes need not be durable before returning: a
+	// delete lost in a crash means a redelivery, which clients de-duplicate.
+	Delete(ctx context.Context, dev ident.Device, seqs []uint64) ([]Entry, error)
+	// Expire removes entries and idempotency keys appended before cutoff,
+	// returning how many entries it removed.
+	Expire(ctx context.Context, cutoff time.Time) (int, error)
+	// Close releases the store; pending appends have been made durable.
+	Close() error
+}
+
+// Depther is an optional capability: the number of entries held across all
+// mailboxes, for the mailbox depth metric.
+type Depther interface {
+	Depth() int64
+}
+
+// ErrUnavailable wraps errors that mean the store cannot accept writes now
+// (disk full, read-only, I/O error). Nothing was appended; the caller may
+// retry later.
+var ErrUnavailable = errors.New("mailbox: storage unavailable")
+
+// ErrClosed is returned by a closed store.
+var ErrClosed = errors.New("mailbox: closed")
