@@ -55,8 +55,11 @@ type Result struct {
 // Store is a mailbox backend. All methods are safe for concurrent use.
 type Store interface {
 	// Append makes every item of b durable (on stable storage, not just in
-	// a page cache) before it returns without error. It is atomic: on error
-	// nothing was appended.
+	// a page cache) before it returns without error. It is atomic: all
+	// items or none. An error means the outcome is unknown to the caller:
+	// usually nothing was appended, but an fsync that failed after the
+	// write may still have left the batch on disk. Retrying with the same
+	// Key is always safe: it appends the batch or reports the earlier one.
 	Append(ctx context.Context, b Batch) (Result, error)
 	// Read returns up to limit entries of dev's mailbox with Seq > after, in
 	// seq order.

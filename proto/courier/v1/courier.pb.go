@@ -43,7 +43,7 @@ const (
 	// A payload is larger than the server's limit.
 	RefusalCode_REFUSAL_CODE_PAYLOAD_TOO_LARGE RefusalCode = 4
 	// The server cannot make the message durable now (disk full, storage
-	// error). Retry later; nothing was stored.
+	// error). Retry later with the same client_msg_id.
 	RefusalCode_REFUSAL_CODE_STORAGE_UNAVAILABLE RefusalCode = 5
 	// The server is shutting down. Retry on another connection.
 	RefusalCode_REFUSAL_CODE_SHUTTING_DOWN RefusalCode = 6
@@ -900,7 +900,9 @@ func (x *Accepted) GetDuplicate() bool {
 	return false
 }
 
-// Refused answers a Send that was not accepted. Nothing was stored.
+// Refused answers a Send that was not accepted. Retrying with the same
+// client_msg_id is always safe (for STORAGE_UNAVAILABLE, a storage failure
+// may have kept the message after all: the retry then gets its Accepted).
 type Refused struct {
 	state   protoimpl.MessageState `protogen:"open.v1"`
 	Code    RefusalCode            `protobuf:"varint,1,opt,name=code,proto3,enum=courier.v1.RefusalCode" json:"code,omitempty"`

@@ -1,0 +1,310 @@
+// Package api is courier's stateless HTTP API: registration, device lists,
+// sending (202 Accepted once durable), read reports and health. Errors are
+// JSON with stable codes (package apierr; the table is in
+// docs/protocol.md).
+package api
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"strings"
+	"time"
+
+	"github.com/courier-im/courier/internal/accounts"
+	"github.com/courier-im/courier/internal/apierr"
+	"github.com/courier-im/courier/internal/auth"
+	"github.com/courier-im/courier/internal/delivery"
+	"github.com/courier-im/courier/internal/ident"
+	pb "github.com/courier-im/courier/proto/courier/v1"
+)
+
+// Config configures the API.
+type Config struct {
+	Accounts accounts.Store
+	Delivery *delivery.Service
+	Auth     *auth.Authenticator
+	Logger   *slog.Logger
+	// Draining reports whether the server is shutting down.
+	Draining func() bool
+}
+
+// API serves the HTTP endpoints.
+type API struct {
+	cfg     Config
+	maxBody int64
+}
+
+// New returns the API.
+func New(cfg Config) *API {
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	if cfg.Draining == nil {
+		cfg.Draining = func() bool { return false }
+	}
+	// Payloads travel as base64 in JSON (4/3 the size) plus addressing.
+	maxBody := int64(cfg.Delivery.MaxPayload())*int64(cfg.Delivery.MaxPayloads())*4/3 + 64<<10
+	return &API{cfg: cfg, maxBody: maxBody}
+}
+
+// Register adds the API's routes to mux.
+func (a *API) Register(mux *http.ServeMux) {
+	mux.HandleFunc("POST /v1/accounts", a.createAccount)
+	mux.HandleFunc("GET /v1/users/{name}/devices", a.authed(a.devices))
+	mux.HandleFunc("POST /v1/messages", a.authed(a.send))
+	mux.HandleFunc("POST /v1/receipts", a.authed(a.read))
+	mux.HandleFunc("GET /v1/health", a.health)
+}
+
+func writeJSON(w http.ResponseWriter, status int, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(status)
+	json.NewEncoder(w).Encode(v)
+}
+
+// decode reads a JSON body of at most limit bytes into v, rejecting unknown
+// fields and trailing data.
+func decode(w http.ResponseWriter, r *http.Request, limit int64, v any) bool {
+	if ct := r.Header.Get("Content-Type"); ct != "" && !strings.HasPrefix(ct, "application/json") {
+		apierr.Write(w, http.StatusUnsupportedMediaType, apierr.Detail{Code: "invalid", Message: "the body must be application/json"})
+		return false
+	}
+	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, limit))
+	dec.DisallowUnknownFields()
+	err := dec.Decode(v)
+	if err == nil && dec.Decode(new(json.RawMessage)) != io.EOF {
+		err = errors.New("unexpected data after the JSON object")
+	}
+	if err != nil {
+		var tooBig *http.MaxBytesError
+		if errors.As(err, &tooBig) {
+			apierr.Write(w, http.StatusRequestEntityTooLarge, apierr.Detail{Code: "payload_too_large", Message: fmt.Sprintf("the body is larger than %d bytes", limit)})
+			return false
+		}
+		apierr.Write(w, http.StatusBadRequest, apierr.Detail{Code: "invalid", Message: "malformed JSON body: " + err.Error()})
+		return false
+	}
+	return true
+}
+
+type handler func(w http.ResponseWriter, r *http.Request, dev ident.Device)
+
+func (a *API) authed(h handler) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		dev, err := a.cfg.Auth.Authenticate(r.Context(), r)
+		if errors.Is(err, auth.ErrUnauthorized) {
+			w.Header().Set("WWW-Authenticate", `Basic realm="courier"`)
+			apierr.Write(w, http.StatusUnauthorized, apierr.Detail{Code: "unauthorized", Message: "missing or wrong device credential"})
+			return
+		}
+		if err != nil {
+			a.cfg.Logger.Error("authenticate", "err", err)
+			apierr.Write(w, http.StatusServiceUnavailable, apierr.Detail{Code: "storage_unavailable", Message: "cannot check credentials right now", RetryAfterMs: 1000})
+			return
+		}
+		h(w, r, dev)
+	}
+}
+
+type createAccountRequest struct {
+	Name       string `json:"name"`
+	DeviceName string `json:"device_name,omitempty"`
+}
+
+type createAccountResponse struct {
+	User       string `json:"user"`
+	Device     uint32 `json:"device"`
+	Credential string `json:"credential"`
+}
+
+func (a *API) createAccount(w http.ResponseWriter, r *http.Request) {
+	var req createAccountRequest
+	if !decode(w, r, 4<<10, &req) {
+		return
+	}
+	if !ident.ValidUser(req.Name) {
+		apierr.Write(w, http.StatusBadRequest, apierr.Detail{Code: "invalid_name", Message: ident.ErrBadUser.Error()})
+		return
+	}
+	if len(req.DeviceName) > 64 {
+		apierr.Write(w, http.StatusBadRequest, apierr.Detail{Code: "invalid", Message: "device_name is at most 64 bytes"})
+		return
+	}
+	cred, hash := accounts.NewCredential()
+	_, dev, err := a.cfg.Accounts.CreateUser(r.Context(), req.Name, req.DeviceName, hash)
+	switch {
+	case errors.Is(err, accounts.ErrExists):
+		apierr.Write(w, http.StatusConflict, apierr.Detail{Code: "name_taken", Message: fmt.Sprintf("the name %q is taken", req.Name)})
+		return
+	case errors.Is(err, ident.ErrBadUser):
+		apierr.Write(w, http.StatusBadRequest, apierr.Detail{Code: "invalid_name", Message: ident.ErrBadUser.Error()})
+		return
+	case err != nil:
+		a.cfg.Logger.Error("create account", "err", err)
+		apierr.Write(w, http.StatusServiceUnavailable, apierr.Detail{Code: "storage_unavailable", Message: "cannot create accounts right now", RetryAfterMs: 5000})
+		return
+	}
+	a.cfg.Logger.Info("account created", "user", req.Name)
+	writeJSON(w, http.StatusCreated, createAccountResponse{User: req.Name, Device: dev.ID, Credential: cred})
+}
+
+type deviceJSON struct {
+	ID      uint32    `json:"id"`
+	Name    string    `json:"name,omitempty"`
+	Created time.Time `json:"created"`
+}
+
+type devicesResponse struct {
+	User    string       `json:"user"`
+	Devices []deviceJSON `json:"devices"`
+}
+
+func (a *API) devices(w http.ResponseWriter, r *http.Request, _ ident.Device) {
+	name := r.PathValue("name")
+	if !ident.ValidUser(name) {
+		apierr.Write(w, http.StatusNotFound, apierr.Detail{Code: "unknown_user", Message: fmt.Sprintf("no user %q", name)})
+		return
+	}
+	devs, err := a.cfg.Accounts.Devices(r.Context(), name)
+	if errors.Is(err, accounts.ErrNotFound) {
+		apierr.Write(w, http.StatusNotFound, apierr.Detail{Code: "unknown_user", Message: fmt.Sprintf("no user %q", name)})
+		return
+	}
+	if err != nil {
+		a.cfg.Logger.Error("list devices", "err", err)
+		apierr.Write(w, http.StatusServiceUnavailable, apierr.Detail{Code: "storage_unavailable", Message: "cannot list devices right now", RetryAfterMs: 1000})
+		return
+	}
+	resp := devicesResponse{User: name, Devices: make([]deviceJSON, len(devs))}
+	for i, d := range devs {
+		resp.Devices[i] = deviceJSON{ID: d.ID, Name: d.Name, Created: d.Created.UTC()}
+	}
+	writeJSON(w, http.StatusOK, resp)
+}
+
+type payloadJSON struct {
+	User    string `json:"user"`
+	Device  uint32 `json:"device"`
+	Payload []byte `json:"payload"` // base64 in JSON
+}
+
+type sendRequest struct {
+	ClientMsgID string        `json:"client_msg_id"`
+	To          string        `json:"to"`
+	Payloads    []payloadJSON `json:"payloads"`
+}
+
+type sendResponse struct {
+	ServerID   string    `json:"server_id"`
+	ServerTime time.Time `json:"server_time"`
+	Duplicate  bool      `json:"duplicate"`
+}
+
+func (a *API) send(w http.ResponseWriter, r *http.Request, dev ident.Device) {
+	if a.cfg.Draining() {
+		apierr.Write(w, http.StatusServiceUnavailable, apierr.Detail{Code: "shutting_down", Message: "this server is shutting down; retry elsewhere", RetryAfterMs: 1000})
+		return
+	}
+	var req sendRequest
+	if !decode(w, r, a.maxBody, &req) {
+		return
+	}
+	if len(req.Payloads) > a.cfg.Delivery.MaxPayloads() {
+		a.refusal(w, &delivery.Refusal{Code: pb.RefusalCode_REFUSAL_CODE_INVALID, Message: fmt.Sprintf("at most %d payloads", a.cfg.Delivery.MaxPayloads())})
+		return
+	}
+	sr := delivery.SendRequest{From: dev, ClientMsgID: req.ClientMsgID, To: req.To, Payloads: make([]delivery.Payload, len(req.Payloads))}
+	for i, p := range req.Payloads {
+		if !ident.ValidUser(p.User) || p.Device == 0 {
+			a.refusal(w, &delivery.Refusal{Code: pb.RefusalCode_REFUSAL_CODE_INVALID, Message: "every payload needs a user and a device"})
+			return
+		}
+		sr.Payloads[i] = delivery.Payload{Device: ident.Device{User: p.User, ID: p.Device}, Data: p.Payload}
+	}
+	acc, err := a.cfg.Delivery.Send(r.Context(), sr)
+	if err != nil {
+		var ref *delivery.Refusal
+		if errors.As(err, &ref) {
+			a.refusal(w, ref)
+			return
+		}
+		if r.Context().Err() != nil {
+			return // the client has gone
+		}
+		a.cfg.Logger.Error("send", "err", err)
+		apierr.Write(w, http.StatusInternalServerError, apierr.Detail{Code: "internal", Message: "the message may not have been stored; retry with the same client_msg_id"})
+		return
+	}
+	writeJSON(w, http.StatusAccepted, sendResponse{ServerID: acc.ServerID, ServerTime: acc.Time.UTC(), Duplicate: acc.Duplicate})
+}
+
+var refusalStatus = map[pb.RefusalCode]int{
+	pb.RefusalCode_REFUSAL_CODE_INVALID:             http.StatusBadRequest,
+	pb.RefusalCode_REFUSAL_CODE_UNKNOWN_RECIPIENT:   http.StatusNotFound,
+	pb.RefusalCode_REFUSAL_CODE_STALE_DEVICES:       http.StatusConflict,
+	pb.RefusalCode_REFUSAL_CODE_PAYLOAD_TOO_LARGE:   http.StatusRequestEntityTooLarge,
+	pb.RefusalCode_REFUSAL_CODE_STORAGE_UNAVAILABLE: http.StatusServiceUnavailable,
+	pb.RefusalCode_REFUSAL_CODE_SHUTTING_DOWN:       http.StatusServiceUnavailable,
+	pb.RefusalCode_REFUSAL_CODE_RATE_LIMITED:        http.StatusTooManyRequests,
+}
+
+func (a *API) refusal(w http.ResponseWriter, r *delivery.Refusal) {
+	status, ok := refusalStatus[r.Code]
+	if !ok {
+		status = http.StatusBadRequest
+	}
+	d := apierr.Detail{Code: delivery.CodeName(r.Code), Message: r.Message, RetryAfterMs: r.RetryAfter.Milliseconds()}
+	for _, ud := range r.Devices {
+		d.Devices = append(d.Devices, apierr.UserDevices{User: ud.User, Devices: ud.Devices})
+	}
+	apierr.Write(w, status, d)
+}
+
+type messageRefJSON struct {
+	ServerID    string `json:"server_id"`
+	ClientMsgID string `json:"client_msg_id,omitempty"`
+}
+
+type readRequest struct {
+	Sender   string           `json:"sender"`
+	Messages []messageRefJSON `json:"messages"`
+}
+
+func (a *API) read(w http.ResponseWriter, r *http.Request, dev ident.Device) {
+	var req readRequest
+	if !decode(w, r, 256<<10, &req) {
+		return
+	}
+	refs := make([]*pb.MessageRef, len(req.Messages))
+	for i, m := range req.Messages {
+		refs[i] = &pb.MessageRef{ServerId: m.ServerID, ClientMsgId: m.ClientMsgID}
+	}
+	err := a.cfg.Delivery.Read(r.Context(), dev, req.Sender, refs)
+	if err != nil {
+		var ref *delivery.Refusal
+		if errors.As(err, &ref) {
+			if ref.Code == pb.RefusalCode_REFUSAL_CODE_UNKNOWN_RECIPIENT {
+				apierr.Write(w, http.StatusNotFound, apierr.Detail{Code: "unknown_user", Message: ref.Message})
+				return
+			}
+			a.refusal(w, ref)
+			return
+		}
+		a.cfg.Logger.Error("read report", "err", err)
+		apierr.Write(w, http.StatusInternalServerError, apierr.Detail{Code: "internal", Message: "the read report may not have been recorded; retry"})
+		return
+	}
+	writeJSON(w, http.StatusAccepted, struct{}{})
+}
+
+func (a *API) health(w http.ResponseWriter, r *http.Request) {
+	if a.cfg.Draining() {
+		writeJSON(w, http.StatusServiceUnavailable, map[string]string{"status": "shutting_down"})
+		return
+	}
+	writeJSON(w, http.StatusOK, map[string]string{"status": "ok"})
+}

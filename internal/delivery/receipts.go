@@ -1,0 +1,184 @@
+package delivery
+
+import (
+	"context"
+	"errors"
+	"fmt"
+
+	"google.golang.org/protobuf/proto"
+
+	"github.com/courier-im/courier/internal/accounts"
+	"github.com/courier-im/courier/internal/ident"
+	"github.com/courier-im/courier/internal/mailbox"
+	pb "github.com/courier-im/courier/proto/courier/v1"
+)
+
+// Delivered describes a mailbox entry as it was handed to a device: what an
+// acknowledgement of it must turn into.
+type Delivered struct {
+	Seq uint64
+	// Envelope is the entry's envelope, or nil when the caller does not know
+	// it (the entry was not delivered on this connection).
+	Envelope *pb.Envelope
+}
+
+// Ack handles a device's acknowledgement of mailbox entries: for each acked
+// message from another user it emits a DELIVERED receipt to all of the
+// sender's devices, durably, and then deletes the entries.
+//
+// Receipts for entries whose envelope is known are appended before the
+// delete, so a crash in between means a redelivery and a duplicate receipt
+// (both harmless), never a lost receipt. For entries acked without a known
+// envelope, receipts are emitted from what the delete returns.
+func (s *Service) Ack(ctx context.Context, dev ident.Device, acked []Delivered) error {
+	var known []*pb.Envelope
+	seqs := make([]uint64, 0, len(acked))
+	unknown := false
+	for _, a := range acked {
+		seqs = append(seqs, a.Seq)
+		if a.Envelope != nil {
+			known = append(known, a.Envelope)
+		} else {
+			unknown = true
+		}
+	}
+	if err := s.emitDelivered(ctx, dev, known); err != nil {
+		return err
+	}
+	removed, err := s.cfg.Mailbox.Delete(ctx, dev, seqs)
+	if err != nil {
+		return fmt.Errorf("delete acked entries: %w", err)
+	}
+	s.cfg.Metrics.Acked.Add(float64(len(removed)))
+	if !unknown {
+		return nil
+	}
+	isKnown := make(map[uint64]bool, len(acked))
+	for _, a := range acked {
+		isKnown[a.Seq] = a.Envelope != nil
+	}
+	var late []*pb.Envelope
+	for _, e := range removed {
+		if isKnown[e.Seq] {
+			continue
+		}
+		env := new(pb.Envelope)
+		if err := proto.Unmarshal(e.Data, env); err != nil {
+			s.cfg.Logger.Error("undecodable mailbox entry", "device", dev, "seq", e.Seq, "err", err)
+			continue
+		}
+		late = append(late, env)
+	}
+	return s.emitDelivered(ctx, dev, late)
+}
+
+// emitDelivered appends DELIVERED receipts for the messages among envs that
+// another user sent: one receipt per sender, listing its messages.
+func (s *Service) emitDelivered(ctx context.Context, by ident.Device, envs []*pb.Envelope) error {
+	var order []string
+	bySender := map[string][]*pb.MessageRef{}
+	for _, env := range envs {
+		if env.Kind != pb.EnvelopeKind_ENVELOPE_KIND_MESSAGE || env.Sender == by.User {
+			continue
+		}
+		if _, ok := bySender[env.Sender]; !ok {
+			order = append(order, env.Sender)
+		}
+		bySender[env.Sender] = append(bySender[env.Sender], &pb.MessageRef{ServerId: env.ServerId, ClientMsgId: env.ClientMsgId})
+	}
+	if len(order) == 0 {
+		return nil
+	}
+	var items []mailbox.Item
+	for _, sender := range order {
+		it, err := s.receiptItems(ctx, by, sender, pb.ReceiptType_RECEIPT_TYPE_DELIVERED, bySender[sender])
+		if err != nil {
+			return err
+		}
+		items = append(items, it...)
+	}
+	return s.appendReceipts(ctx, items, pb.ReceiptType_RECEIPT_TYPE_DELIVERED)
+}
+
+// Read reports that the user of device by has read messages sent by sender:
+// a READ receipt is made durable in every device of sender's mailbox.
+func (s *Service) Read(ctx context.Context, by ident.Device, sender string, msgs []*pb.MessageRef) error {
+	if !ident.ValidUser(sender) {
+		return s.refuse(pb.RefusalCode_REFUSAL_CODE_INVALID, "sender: %v", ident.ErrBadUser)
+	}
+	if len(msgs) == 0 || len(msgs) > MaxReadRefs {
+		return s.refuse(pb.RefusalCode_REFUSAL_CODE_INVALID, "a read report names 1 to %d messages", MaxReadRefs)
+	}
+	for _, m := range msgs {
+		if len(m.GetServerId()) == 0 || len(m.GetServerId()) > 64 || len(m.GetClientMsgId()) > MaxClientMsgID {
+			return s.refuse(pb.RefusalCode_REFUSAL_CODE_INVALID, "every message needs a server_id (and at most a %d-byte client_msg_id)", MaxClientMsgID)
+		}
+	}
+	if sender == by.User {
+		return s.refuse(pb.RefusalCode_REFUSAL_CODE_INVALID, "read receipts go to another user")
+	}
+	items, err := s.receiptItems(ctx, by, sender, pb.ReceiptType_RECEIPT_TYPE_READ, msgs)
+	if errors.Is(err, accounts.ErrNotFound) {
+		return s.refuse(pb.RefusalCode_REFUSAL_CODE_UNKNOWN_RECIPIENT, "no user %q", sender)
+	}
+	if err != nil {
+		return err
+	}
+	return s.appendReceipts(ctx, items, pb.ReceiptType_RECEIPT_TYPE_READ)
+}
+
+func (s *Service) receiptItems(ctx context.Context, by ident.Device, sender string, typ pb.ReceiptType, msgs []*pb.MessageRef) ([]mailbox.Item, error) {
+	devs, err := s.cfg.Accounts.Devices(ctx, sender)
+	if errors.Is(err, accounts.ErrNotFound) {
+		// The sender's account is gone: there is nobody to tell.
+		if typ == pb.ReceiptType_RECEIPT_TYPE_DELIVERED {
+			return nil, nil
+		}
+		return nil, err
+	}
+	if err != nil {
+		return nil, s.storageError(err)
+	}
+	now := s.cfg.Now()
+	data, err := proto.Marshal(&pb.Envelope{
+		Kind:         pb.EnvelopeKind_ENVELOPE_KIND_RECEIPT,
+		ServerId:     s.ids.New(now),
+		Sender:       by.User,
+		SenderDevice: by.ID,
+		ServerTimeMs: now.UnixMilli(),
+		To:           sender,
+		Receipt:      &pb.Receipt{Type: typ, Messages: msgs},
+	})
+	if err != nil {
+		return nil, fmt.Errorf("encode receipt: %w", err)
+	}
+	items := make([]mailbox.Item, len(devs))
+	for i, d := range devs {
+		items[i] = mailbox.Item{Device: ident.Device{User: sender, ID: d.ID}, Data: data}
+	}
+	return items, nil
+}
+
+func (s *Service) appendReceipts(ctx context.Context, items []mailbox.Item, typ pb.ReceiptType) error {
+	if len(items) == 0 {
+		return nil
+	}
+	if _, err := s.cfg.Mailbox.Append(ctx, mailbox.Batch{Items: items, Time: s.cfg.Now()}); err != nil {
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		return s.storageError(err)
+	}
+	s.cfg.Metrics.Receipts.WithLabelValues(receiptName(typ)).Inc()
+	for _, it := range items {
+		s.cfg.Notifier.Notify(it.Device)
+	}
+	return nil
+}
+
+func receiptName(t pb.ReceiptType) string {
+	if t == pb.ReceiptType_RECEIPT_TYPE_READ {
+		return "read"
+	}
+	return "delivered"
+}

@@ -1,0 +1,156 @@
+package pebble
+
+import (
+	"fmt"
+	"math/rand/v2"
+	"os"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/courier-im/courier/internal/ident"
+	"github.com/courier-im/courier/internal/mailbox"
+)
+
+// benchStore opens a store on a real disk: in $COURIER_BENCH_DIR if set
+// (to measure a particular device), else in the test's temporary directory.
+func benchStore(b *testing.B) *Store {
+	b.Helper()
+	dir := b.TempDir()
+	if base := os.Getenv("COURIER_BENCH_DIR"); base != "" {
+		var err error
+		if dir, err = os.MkdirTemp(base, "mailbox-bench-"); err != nil {
+			b.Fatal(err)
+		}
+		b.Cleanup(func() { os.RemoveAll(dir) })
+	}
+	s, err := Open(dir, Options{})
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { s.Close() })
+	return s
+}
+
+// payload is the size of a typical encrypted envelope.
+var payload = make([]byte, 256)
+
+// BenchmarkAppend measures durable (fsynced) appends: one op is one
+// Append of a batch. With several writers, Pebble's group commit shares
+// each WAL sync among the batches waiting for it.
+func BenchmarkAppend(b *testing.B) {
+	type layout struct {
+		name string
+		// dev returns the device of item j of writer w's batches.
+		dev func(w, j int) ident.Device
+	}
+	own := layout{"own-devices", func(w, j int) ident.Device {
+		return ident.Device{User: fmt.Sprintf("user%d", w), ID: uint32(j + 1)}
+	}}
+	// Every writer appends to the same devices, as senders to one busy
+	// group chat do: seq allocation for those devices is contended.
+	shared := layout{"shared-devices", func(w, j int) ident.Device {
+		return ident.Device{User: "group", ID: uint32(j + 1)}
+	}}
+	for _, batch := range []int{1, 64} {
+		for _, writers := range []int{1, 64} {
+			layouts := []layout{own}
+			if writers > 1 {
+				layouts = append(layouts, shared)
+			}
+			for _, l := range layouts {
+				name := fmt.Sprintf("batch=%d/writers=%d", batch, writers)
+				if writers > 1 {
+					name += "/" + l.name
+				}
+				b.Run(name, func(b *testing.B) {
+					benchAppend(b, batch, writers, l.dev)
+				})
+			}
+		}
+	}
+}
+
+func benchAppend(b *testing.B, batch, writers int, dev func(w, j int) ident.Device) {
+	s := benchStore(b)
+	var next atomic.Int64
+	var wg sync.WaitGroup
+	b.ReportAllocs()
+	b.ResetTimer()
+	start := time.Now()
+	for w := range writers {
+		wg.Go(func() {
+			items := make([]mailbox.Item, batch)
+			for j := range items {
+				items[j] = mailbox.Item{Device: dev(w, j), Data: payload}
+			}
+			for next.Add(1) <= int64(b.N) {
+				if _, err := s.Append(ctx, mailbox.Batch{Items: items}); err != nil {
+					b.Error(err)
+					return
+				}
+			}
+		})
+	}
+	wg.Wait()
+	elapsed := time.Since(start).Seconds()
+	b.StopTimer()
+	b.ReportMetric(float64(b.N)/elapsed, "appends/s")
+	b.ReportMetric(float64(b.N*batch)/elapsed, "entries/s")
+}
+
+// fill appends n entries to d in batches.
+func fill(b *testing.B, s *Store, d ident.Device, n int) {
+	b.Helper()
+	for n > 0 {
+		items := make([]mailbox.Item, min(n, 256))
+		for i := range items {
+			items[i] = mailbox.Item{Device: d, Data: payload}
+		}
+		if _, err := s.Append(ctx, mailbox.Batch{Items: items}); err != nil {
+			b.Fatal(err)
+		}
+		n -= len(items)
+	}
+}
+
+// BenchmarkRead measures reading pages of 100 entries from a mailbox of
+// 10,000.
+func BenchmarkRead(b *testing.B) {
+	const held, page = 10000, 100
+	s := benchStore(b)
+	d := ident.Device{User: "reader", ID: 1}
+	fill(b, s, d, held)
+	rng := rand.New(rand.NewPCG(1, 2))
+	b.ReportAllocs()
+	b.ResetTimer()
+	start := time.Now()
+	for b.Loop() {
+		es, err := s.Read(ctx, d, uint64(rng.IntN(held-page)), page)
+		if err != nil || len(es) != page {
+			b.Fatalf("Read = %d entries, %v", len(es), err)
+		}
+	}
+	elapsed := time.Since(start).Seconds()
+	b.ReportMetric(float64(b.N*page)/elapsed, "entries/s")
+}
+
+// BenchmarkDelete measures acknowledging entries one at a time, oldest
+// first, as a device working through its backlog does.
+func BenchmarkDelete(b *testing.B) {
+	s := benchStore(b)
+	d := ident.Device{User: "acker", ID: 1}
+	fill(b, s, d, b.N)
+	b.ReportAllocs()
+	b.ResetTimer()
+	start := time.Now()
+	for i := range b.N {
+		got, err := s.Delete(ctx, d, []uint64{uint64(i + 1)})
+		if err != nil || len(got) != 1 {
+			b.Fatalf("Delete = %d entries, %v", len(got), err)
+		}
+	}
+	elapsed := time.Since(start).Seconds()
+	b.ReportMetric(float64(b.N)/elapsed, "deletes/s")
+}

@@ -1,0 +1,127 @@
+package pebble
+
+import (
+	"context"
+	"hash/maphash"
+	"slices"
+	"sync"
+)
+
+// lockTable hands out named exclusive locks that a waiter can give up on
+// (context cancelled, store failed), which sync.Mutex cannot do. Entries
+// exist only while someone holds or waits for them, so the table stays as
+// small as the number of devices being written at the moment.
+type lockTable struct {
+	seed   maphash.Seed
+	shards [64]lockShard
+}
+
+type lockShard struct {
+	mu sync.Mutex
+	m  map[string]*lock
+}
+
+type lock struct {
+	name string
+	// ch has capacity one: a goroutine holds the lock while its token is in
+	// the channel. Blocked senders are served in FIFO order.
+	ch   chan struct{}
+	refs int // holders and waiters; guarded by the shard's mu
+
+	// high caches the device's high-water seq while the entry exists, so
+	// appends to a busy device do not re-read it. Only the holder of the
+	// lock reads or writes it.
+	high      uint64
+	highKnown bool
+}
+
+func newLockTable() *lockTable {
+	t := &lockTable{seed: maphash.MakeSeed()}
+	for i := range t.shards {
+		t.shards[i].m = make(map[string]*lock)
+	}
+	return t
+}
+
+func (t *lockTable) shard(name string) *lockShard {
+	return &t.shards[maphash.String(t.seed, name)%uint64(len(t.shards))]
+}
+
+func (t *lockTable) ref(name string) *lock {
+	sh := t.shard(name)
+	sh.mu.Lock()
+	l := sh.m[name]
+	if l == nil {
+		l = &lock{name: name, ch: make(chan struct{}, 1)}
+		sh.m[name] = l
+	}
+	l.refs++
+	sh.mu.Unlock()
+	return l
+}
+
+func (t *lockTable) unref(l *lock) {
+	sh := t.shard(l.name)
+	sh.mu.Lock()
+	l.refs--
+	if l.refs == 0 {
+		delete(sh.m, l.name)
+	}
+	sh.mu.Unlock()
+}
+
+// acquire takes the lock called name. It gives up when ctx is done (returning
+// ctx's error) or when abort is closed (returning errAborted).
+func (t *lockTable) acquire(ctx context.Context, name string, abort <-chan struct{}) (*lock, error) {
+	l := t.ref(name)
+	select {
+	case l.ch <- struct{}{}:
+		return l, nil
+	case <-ctx.Done():
+		t.unref(l)
+		return nil, ctx.Err()
+	case <-abort:
+		t.unref(l)
+		return nil, errAborted
+	}
+}
+
+func (t *lockTable) release(l *lock) {
+	<-l.ch
+	t.unref(l)
+}
+
+// acquireAll takes every lock in names (in sorted order, once each). Taking locks in one global order is what keeps two batches that
+// share devices from deadlocking.
+func (t *lockTable) acquireAll(ctx context.Context, names []string, abort <-chan struct{}) ([]*lock, error) {
+	names = slices.Clone(names)
+	slices.Sort(names)
+	names = slices.Compact(names)
+	held := make([]*lock, 0, len(names))
+	for _, n := range names {
+		l, err := t.acquire(ctx, n, abort)
+		if err != nil {
+			t.releaseAll(held)
+			return nil, err
+		}
+		held = append(held, l)
+	}
+	return held, nil
+}
+
+func (t *lockTable) releaseAll(held []*lock) {
+	for _, l := range held {
+		t.release(l)
+	}
+}
+
+// Lock names. Idempotency keys sort before devices so that an append with a
+// key takes the key's lock first and a duplicate waits there without
+// holding any device. Deletes use their own per-device name: they touch
+// only existing entries and appends only new ones, so the two never need to
+// wait for each other.
+const (
+	lockKeyPrefix    = "\x00"
+	lockAppendPrefix = "\x01"
+	lockDeletePrefix = "\x02"
+)

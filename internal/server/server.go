@@ -1,0 +1,352 @@
+// Package server wires courier's single-node server: the embedded backends
+// (a Pebble mailbox and a SQLite account store in the data directory), the
+// delivery service, the WebSocket gateway and the HTTP API, on one port.
+package server
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/courier-im/courier/internal/accounts"
+	"github.com/courier-im/courier/internal/accounts/sqlite"
+	"github.com/courier-im/courier/internal/api"
+	"github.com/courier-im/courier/internal/auth"
+	"github.com/courier-im/courier/internal/delivery"
+	"github.com/courier-im/courier/internal/gateway"
+	"github.com/courier-im/courier/internal/ident"
+	"github.com/courier-im/courier/internal/mailbox"
+	"github.com/courier-im/courier/internal/mailbox/pebble"
+	"github.com/courier-im/courier/internal/metrics"
+)
+
+// Config configures a Server. The zero value of every field but Logger
+// means its default.
+type Config struct {
+	// Addr is the address of the one HTTP port (API, WebSocket, metrics).
+	Addr string
+	// DataDir holds the mailbox and the account database.
+	DataDir string
+	// MaxPayload is the largest payload for one device, in bytes.
+	MaxPayload int
+	// MaxPayloads is the most devices one send may address.
+	MaxPayloads int
+	// Retention is how long an entry never acknowledged is kept.
+	Retention time.Duration
+	// ExpireEvery is how often expired entries are removed.
+	ExpireEvery time.Duration
+	// IdleTimeout closes connections that send nothing for this long.
+	IdleTimeout time.Duration
+	// WriteTimeout closes connections that do not read for this long.
+	WriteTimeout time.Duration
+	// ShutdownTimeout bounds a graceful shutdown (Run).
+	ShutdownTimeout time.Duration
+	// MinFreeBytes: below this much free disk, sends are refused
+	// (storage_unavailable) rather than risk a half-written store.
+	MinFreeBytes int64
+	Logger       *slog.Logger
+
+	// Mailbox and Accounts, when set, are used instead of the embedded
+	// backends in DataDir (the Server then does not close them).
+	Mailbox  mailbox.Store
+	Accounts accounts.Store
+}
+
+// Defaults.
+const (
+	DefaultAddr            = "127.0.0.1:8080"
+	DefaultDataDir         = "courier-data"
+	DefaultRetention       = 30 * 24 * time.Hour
+	DefaultExpireEvery     = time.Hour
+	DefaultShutdownTimeout = 20 * time.Second
+	DefaultMinFreeBytes    = 64 << 20
+)
+
+func (c *Config) setDefaults() {
+	if c.Addr == "" {
+		c.Addr = DefaultAddr
+	}
+	if c.DataDir == "" {
+		c.DataDir = DefaultDataDir
+	}
+	if c.MaxPayload == 0 {
+		c.MaxPayload = delivery.DefaultMaxPayload
+	}
+	if c.MaxPayloads == 0 {
+		c.MaxPayloads = delivery.DefaultMaxPayloads
+	}
+	if c.Retention == 0 {
+		c.Retention = DefaultRetention
+	}
+	if c.ExpireEvery == 0 {
+		c.ExpireEvery = DefaultExpireEvery
+	}
+	if c.IdleTimeout == 0 {
+		c.IdleTimeout = gateway.DefaultIdleTimeout
+	}
+	if c.WriteTimeout == 0 {
+		c.WriteTimeout = gateway.DefaultWriteTimeout
+	}
+	if c.ShutdownTimeout == 0 {
+		c.ShutdownTimeout = DefaultShutdownTimeout
+	}
+	if c.MinFreeBytes == 0 {
+		c.MinFreeBytes = DefaultMinFreeBytes
+	}
+	if c.Logger == nil {
+		c.Logger = slog.New(slog.DiscardHandler)
+	}
+}
+
+// Verify reports every problem with the configuration at once.
+func (c *Config) Verify() error {
+	var errs []error
+	if c.MaxPayload < 1 || c.MaxPayload > 16<<20 {
+		errs = append(errs, fmt.Errorf("max payload %d: want 1 byte to 16 MiB", c.MaxPayload))
+	}
+	if c.MaxPayloads < 1 || c.MaxPayloads > 1024 {
+		errs = append(errs, fmt.Errorf("max payloads per send %d: want 1 to 1024", c.MaxPayloads))
+	}
+	if c.Retention < time.Minute {
+		errs = append(errs, fmt.Errorf("retention %v: want at least a minute", c.Retention))
+	}
+	if c.ExpireEvery < time.Second {
+		errs = append(errs, fmt.Errorf("expire interval %v: want at least a second", c.ExpireEvery))
+	}
+	if c.IdleTimeout < time.Second || c.WriteTimeout < 100*time.Millisecond {
+		errs = append(errs, fmt.Errorf("idle timeout %v / write timeout %v: too short", c.IdleTimeout, c.WriteTimeout))
+	}
+	if _, _, err := net.SplitHostPort(c.Addr); err != nil {
+		errs = append(errs, fmt.Errorf("addr %q: %v", c.Addr, err))
+	}
+	return errors.Join(errs...)
+}
+
+// Server is a single courier node.
+type Server struct {
+	cfg      Config
+	log      *slog.Logger
+	mailbox  mailbox.Store
+	accounts accounts.Store
+	owned    []func() error // closers of the backends the server opened
+	gateway  *gateway.Gateway
+	handler  http.Handler
+	registry *prometheus.Registry
+
+	mu        sync.Mutex
+	http      *http.Server
+	stopOnce  sync.Once
+	stopErr   error
+	expirerWG sync.WaitGroup
+	stop      chan struct{}
+}
+
+// New opens the backends and builds the server. It does not listen yet.
+func New(cfg Config) (*Server, error) {
+	cfg.setDefaults()
+	if err := cfg.Verify(); err != nil {
+		return nil, err
+	}
+	s := &Server{cfg: cfg, log: cfg.Logger, stop: make(chan struct{})}
+	ok := false
+	defer func() {
+		if !ok {
+			s.closeBackends()
+		}
+	}()
+	s.mailbox, s.accounts = cfg.Mailbox, cfg.Accounts
+	if s.mailbox == nil || s.accounts == nil {
+		if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
+			return nil, fmt.Errorf("data directory: %w", err)
+		}
+	}
+	if s.mailbox == nil {
+		mb, err := pebble.Open(filepath.Join(cfg.DataDir, "mailbox"), pebble.Options{Logger: cfg.Logger, MinFreeBytes: cfg.MinFreeBytes})
+		if err != nil {
+			return nil, fmt.Errorf("open mailbox: %w", err)
+		}
+		s.mailbox = mb
+		s.owned = append(s.owned, mb.Close)
+	}
+	if s.accounts == nil {
+		ac, err := sqlite.Open(filepath.Join(cfg.DataDir, "accounts.db"), sqlite.Options{Logger: cfg.Logger})
+		if err != nil {
+			return nil, fmt.Errorf("open accounts: %w", err)
+		}
+		s.accounts = ac
+		s.owned = append(s.owned, ac.Close)
+	}
+
+	s.registry = prometheus.NewRegistry()
+	s.registry.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	m := metrics.New(s.registry)
+	if d, ok := s.mailbox.(mailbox.Depther); ok {
+		s.registry.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "courier_mailbox_depth", Help: "Entries held in all device mailboxes (accepted, not yet acknowledged).",
+		}, func() float64 { return float64(d.Depth()) }))
+	}
+
+	authn := &auth.Authenticator{Accounts: s.accounts}
+	// The gateway is the delivery service's notifier and needs the service:
+	// a small forwarding notifier breaks the cycle without setters.
+	var notify notifier
+	svc := delivery.New(delivery.Config{
+		Mailbox: s.mailbox, Accounts: s.accounts, Notifier: &notify, Metrics: m, Logger: cfg.Logger,
+		MaxPayload: cfg.MaxPayload, MaxPayloads: cfg.MaxPayloads,
+	})
+	s.gateway = gateway.New(gateway.Config{
+		Accounts: s.accounts, Mailbox: s.mailbox, Delivery: svc, Auth: authn, Metrics: m, Logger: cfg.Logger,
+		IdleTimeout: cfg.IdleTimeout, WriteTimeout: cfg.WriteTimeout,
+	})
+	notify.to = s.gateway
+
+	mux := http.NewServeMux()
+	api.New(api.Config{Accounts: s.accounts, Delivery: svc, Auth: authn, Logger: cfg.Logger, Draining: s.gateway.Draining}).Register(mux)
+	mux.Handle("GET /v1/ws", s.gateway)
+	mux.Handle("GET /metrics", promhttp.HandlerFor(s.registry, promhttp.HandlerOpts{Registry: s.registry}))
+	s.handler = mux
+
+	s.expirerWG.Add(1)
+	go s.expirer()
+	ok = true
+	return s, nil
+}
+
+// notifier forwards to the gateway once it exists.
+type notifier struct{ to delivery.Notifier }
+
+func (n *notifier) Notify(dev ident.Device) { n.to.Notify(dev) }
+
+// Handler is the server's HTTP handler (API, WebSocket and metrics).
+func (s *Server) Handler() http.Handler { return s.handler }
+
+// Registry is the server's metrics registry.
+func (s *Server) Registry() *prometheus.Registry { return s.registry }
+
+// Serve serves HTTP on ln until Shutdown.
+func (s *Server) Serve(ln net.Listener) error {
+	hs := &http.Server{
+		Handler:           s.handler,
+		ReadHeaderTimeout: 10 * time.Second,
+		IdleTimeout:       2 * time.Minute,
+		MaxHeaderBytes:    16 << 10,
+		ErrorLog:          slog.NewLogLogger(s.log.Handler(), slog.LevelDebug),
+	}
+	s.mu.Lock()
+	s.http = hs
+	s.mu.Unlock()
+	err := hs.Serve(ln)
+	if errors.Is(err, http.ErrServerClosed) {
+		return nil
+	}
+	return err
+}
+
+// Run listens on the configured address and serves until ctx is cancelled,
+// then shuts down gracefully within the shutdown timeout. ready, if not nil,
+// is called with the listening address.
+func (s *Server) Run(ctx context.Context, ready func(net.Addr)) error {
+	ln, err := net.Listen("tcp", s.cfg.Addr)
+	if err != nil {
+		s.Shutdown(context.Background())
+		return err
+	}
+	if ready != nil {
+		ready(ln.Addr())
+	}
+	errc := make(chan error, 1)
+	go func() { errc <- s.Serve(ln) }()
+	select {
+	case err := <-errc:
+		s.Shutdown(context.Background())
+		return err
+	case <-ctx.Done():
+	}
+	s.log.Info("shutting down: refusing new connections, closing connections, flushing storage")
+	sctx, cancel := context.WithTimeout(context.Background(), s.cfg.ShutdownTimeout)
+	defer cancel()
+	err = s.Shutdown(sctx)
+	<-errc
+	return err
+}
+
+// Shutdown stops accepting, tells connected devices to reconnect (with a
+// jittered delay), waits for in-flight requests, and closes the backends,
+// whose appends are already durable. It is safe to call more than once.
+func (s *Server) Shutdown(ctx context.Context) error {
+	s.stopOnce.Do(func() {
+		var errs []error
+		gwErr := s.gateway.Shutdown(ctx)
+		s.mu.Lock()
+		hs := s.http
+		s.mu.Unlock()
+		if hs != nil {
+			if err := hs.Shutdown(ctx); err != nil {
+				errs = append(errs, fmt.Errorf("http: %w", err))
+				hs.Close()
+			}
+		}
+		if gwErr != nil {
+			errs = append(errs, fmt.Errorf("connections: %w", gwErr))
+		}
+		close(s.stop)
+		s.expirerWG.Wait()
+		if err := s.closeBackends(); err != nil {
+			errs = append(errs, err)
+		}
+		s.stopErr = errors.Join(errs...)
+	})
+	return s.stopErr
+}
+
+func (s *Server) closeBackends() error {
+	var errs []error
+	for i := len(s.owned) - 1; i >= 0; i-- {
+		if err := s.owned[i](); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	s.owned = nil
+	return errors.Join(errs...)
+}
+
+// expirer removes entries older than the retention, at start and then
+// every ExpireEvery.
+func (s *Server) expirer() {
+	defer s.expirerWG.Done()
+	t := time.NewTicker(s.cfg.ExpireEvery)
+	defer t.Stop()
+	for {
+		ctx, cancel := context.WithCancel(context.Background())
+		go func() {
+			select {
+			case <-s.stop:
+				cancel()
+			case <-ctx.Done():
+			}
+		}()
+		n, err := s.mailbox.Expire(ctx, time.Now().Add(-s.cfg.Retention))
+		cancel()
+		if err != nil && !errors.Is(err, context.Canceled) {
+			s.log.Error("expire old entries", "err", err)
+		} else if n > 0 {
+			s.log.Info("expired entries never acknowledged", "count", n, "retention", s.cfg.Retention)
+		}
+		select {
+		case <-s.stop:
+			return
+		case <-t.C:
+		}
+	}
+}
