@@ -14,8 +14,10 @@ import (
 
 // Entry is one item in a device's mailbox.
 type Entry struct {
-	// Seq is the entry's position in the device's mailbox: strictly
-	// increasing in append order, never reused, starting at 1.
+	// Seq is the entry's position in the device's mailbox: greater than
+	// zero, strictly increasing in append order within the device, and
+	// never reused. Seqs need not be dense, nor private to a device (a
+	// backend may number all devices' entries from one sequence).
 	Seq uint64
 	// Time is when the entry was appended (used for retention).
 	Time time.Time
