@@ -1,6 +1,7 @@
 package pebble
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -112,8 +113,12 @@ type commitFailure struct{ err error }
 // default logger does: log and exit.
 type pebbleLogger struct{ log *slog.Logger }
 
+// Infof is Pebble's routine chatter (WAL replay, compactions): debug level.
 func (l pebbleLogger) Infof(format string, args ...any) {
-	l.log.Info(fmt.Sprintf(format, args...))
+	if !l.log.Enabled(context.Background(), slog.LevelDebug) {
+		return
+	}
+	l.log.Debug(fmt.Sprintf(format, args...))
 }
 
 func (l pebbleLogger) Errorf(format string, args ...any) {
