@@ -1,0 +1,36 @@
+// Package client is the Go SDK for courier: a device's connection to a
+// courier server, with an outbox that keeps sending until the server has
+// accepted each message, at-least-once delivery to the application with
+// duplicates suppressed, and the sent → delivered → read receipt state of
+// every message sent.
+//
+// A program registers once, keeps the Credentials, and then makes a Client
+// from them. Run keeps a WebSocket connection open (reconnecting with
+// backoff) and hands every message, receipt, presence and typing event to
+// Config.Handler, in order, from one goroutine; entries are acknowledged to
+// the server only after the handler has returned, so an application that
+// stores what it is handed never loses a message. Send works with or
+// without Run: over the connection when there is one, otherwise over HTTP.
+//
+//	creds, err := client.Register(ctx, "http://127.0.0.1:8080", "alice", "laptop")
+//	if err != nil { … }
+//	c, err := client.New(client.Config{
+//		Credentials: creds,
+//		Handler: func(ev client.Event) {
+//			switch ev := ev.(type) {
+//			case *client.MessageEvent:
+//				fmt.Printf("%s: %s\n", ev.From, ev.Body)
+//			case *client.ReceiptEvent:
+//				fmt.Printf("%s is %v\n", ev.Message.ServerID, ev.Status)
+//			}
+//		},
+//	})
+//	if err != nil { … }
+//	defer c.Close()
+//	go c.Run(ctx)
+//	sent, err := c.Send(ctx, "bob", []byte("dinner at 8?"))
+//
+// The protocol is described in docs/protocol.md; the SDK's guarantees and
+// knobs in docs/client.md. Package client/localstore is a SQLite store for
+// the seen set, the outbox and message history.
+package client

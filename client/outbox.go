@@ -1,0 +1,280 @@
+package client
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"slices"
+	"time"
+)
+
+// OutboxMessage is a message waiting in the outbox: plaintext, since it is
+// sealed anew for the device lists current at each attempt.
+type OutboxMessage struct {
+	ClientMsgID string
+	From        Device // the sending device (this client's)
+	To          string
+	Body        []byte
+	Created     time.Time
+}
+
+// OutboxStore persists the outbox, so that messages not yet accepted
+// survive a restart and are sent, with the same client message ids, by the
+// next Client made with the same store. The Client keeps the queue itself;
+// the store only mirrors it. Implementations must be safe for concurrent
+// use.
+type OutboxStore interface {
+	// Add stores a message entering the outbox. Send and SendAsync call it
+	// before they return, and fail if it fails.
+	Add(m OutboxMessage) error
+	// Remove deletes a message that left the outbox: accepted by the
+	// server, or refused for good.
+	Remove(clientMsgID string) error
+	// Pending returns the stored messages, oldest first.
+	Pending() ([]OutboxMessage, error)
+}
+
+// memOutbox is the default OutboxStore: it stores nothing, so the outbox
+// lives only in the Client's memory.
+type memOutbox struct{}
+
+func (memOutbox) Add(OutboxMessage) error           { return nil }
+func (memOutbox) Remove(string) error               { return nil }
+func (memOutbox) Pending() ([]OutboxMessage, error) { return nil, nil }
+
+// outbox is the client's queue of messages to send, oldest first. One
+// goroutine sends them in order, so that messages from this device reach
+// each recipient in the order they were sent.
+type outbox struct {
+	queue *queue[*outItem]
+	retry chan struct{} // a connection came up: retry now
+}
+
+type outItem struct {
+	msg  OutboxMessage
+	done chan sendResult // nil if no one waits (SendAsync, restored)
+}
+
+type sendResult struct {
+	sent Sent
+	err  error
+}
+
+// maxStaleRetries is how many stale_devices refusals in a row are retried
+// at once (with the device lists from the refusal) before backing off.
+const maxStaleRetries = 3
+
+// SealError reports that Config.Seal failed for a device. The message is
+// dropped from the outbox.
+type SealError struct {
+	Device Device
+	Err    error
+}
+
+// Error says which device the seal failed for, and why.
+func (e *SealError) Error() string { return fmt.Sprintf("courier: seal for %s: %v", e.Device, e.Err) }
+
+// Unwrap returns Seal's error.
+func (e *SealError) Unwrap() error { return e.Err }
+
+func (c *Client) enqueue(to string, body []byte, wait bool) (*outItem, error) {
+	if c.isClosed() {
+		return nil, ErrClosed
+	}
+	if !validUser(to) {
+		return nil, fmt.Errorf("courier: send: bad user name %q", to)
+	}
+	m := OutboxMessage{ClientMsgID: newClientMsgID(), From: c.self, To: to, Body: slices.Clone(body), Created: time.Now()}
+	if err := c.store.Add(m); err != nil {
+		return nil, fmt.Errorf("courier: send: store in the outbox: %w", err)
+	}
+	it := &outItem{msg: m}
+	if wait {
+		it.done = make(chan sendResult, 1)
+	}
+	c.tracker.Track(MessageRef{ClientMsgID: m.ClientMsgID}, to)
+	c.outbox.queue.push(it)
+	return it, nil
+}
+
+// outboxLoop sends the outbox's messages, oldest first, until the client
+// is closed. A message leaves the queue when the server accepts it or
+// refuses it for good; transient failures are retried with backoff (the
+// server's retry-after hints honoured), and at once when a connection
+// comes up.
+func (c *Client) outboxLoop() {
+	defer c.outboxDone.Done()
+	attempt, stale := 0, 0
+	for {
+		it, ok := c.outbox.queue.first()
+		if !ok {
+			select {
+			case <-c.outbox.queue.wake:
+				continue
+			case <-c.ctx.Done():
+				return
+			}
+		}
+		sent, err := c.attempt(c.ctx, it)
+		if err != nil && c.isClosed() {
+			return
+		}
+		var re *RefusedError
+		refused := errors.As(err, &re)
+		var se *SealError
+		switch {
+		case err == nil:
+			c.finish(it, sent, nil)
+			attempt, stale = 0, 0
+			continue
+		case refused && re.Code == CodeStaleDevices:
+			c.learnDevices(re, it.msg.To)
+			if stale++; stale <= maxStaleRetries {
+				c.log.Debug("outbox: device lists were stale; retrying", "msg", it.msg.ClientMsgID)
+				continue
+			}
+		case refused && !re.Temporary(), errors.As(err, &se):
+			c.log.Info("outbox: message refused", "msg", it.msg.ClientMsgID, "to", it.msg.To, "err", err)
+			c.finish(it, Sent{}, err)
+			attempt, stale = 0, 0
+			continue
+		}
+		var hint time.Duration
+		if refused {
+			hint = re.RetryAfter
+		}
+		d := c.backoff.delay(attempt, hint)
+		attempt++
+		c.log.Debug("outbox: send failed; retrying", "msg", it.msg.ClientMsgID, "in", d, "err", err)
+		t := time.NewTimer(d)
+		select {
+		case <-t.C:
+		case <-c.outbox.retry:
+		case <-c.ctx.Done():
+			t.Stop()
+			return
+		}
+		t.Stop()
+	}
+}
+
+// attempt makes one try at sending it: address the current devices, seal
+// for each, send over the connection if there is one, else over HTTP.
+func (c *Client) attempt(ctx context.Context, it *outItem) (Sent, error) {
+	ctx, cancel := context.WithTimeout(ctx, attemptTimeout)
+	defer cancel()
+	targets, err := c.addressees(ctx, it.msg.To)
+	if err != nil {
+		return Sent{}, err
+	}
+	payloads := make([]devicePayload, len(targets))
+	for i, d := range targets {
+		data, err := c.cfg.Seal(ctx, d, it.msg.Body)
+		if err != nil {
+			return Sent{}, &SealError{Device: d, Err: err}
+		}
+		payloads[i] = devicePayload{to: d, data: data}
+	}
+	if s := c.session(); s != nil {
+		sent, err := s.send(ctx, it.msg.ClientMsgID, it.msg.To, payloads)
+		if !errors.Is(err, errDisconnected) {
+			return sent, err
+		}
+		// The connection went away mid-send: HTTP now, same client id.
+	}
+	return c.api.send(ctx, it.msg.ClientMsgID, it.msg.To, payloads)
+}
+
+// addressees lists the devices a message to user to goes to: every device
+// of to, and every other device of this user.
+func (c *Client) addressees(ctx context.Context, to string) ([]Device, error) {
+	toDevs, err := c.devicesOf(ctx, to)
+	var re *RefusedError
+	if errors.As(err, &re) && re.Code == CodeUnknownUser {
+		return nil, &RefusedError{Code: CodeUnknownRecipient, Message: re.Message, Status: re.Status}
+	}
+	if err != nil {
+		return nil, err
+	}
+	var out []Device
+	for _, id := range toDevs {
+		if d := (Device{User: to, ID: id}); d != c.self {
+			out = append(out, d)
+		}
+	}
+	if to == c.self.User {
+		return out, nil
+	}
+	mine, err := c.devicesOf(ctx, c.self.User)
+	if err != nil {
+		return nil, err
+	}
+	for _, id := range mine {
+		if id != c.self.ID {
+			out = append(out, Device{User: c.self.User, ID: id})
+		}
+	}
+	return out, nil
+}
+
+// devicesOf returns user's device ids from the cache, or from the server.
+func (c *Client) devicesOf(ctx context.Context, user string) ([]uint32, error) {
+	if ids, ok := c.cachedDevices(user); ok {
+		return ids, nil
+	}
+	devs, err := c.api.devices(ctx, user)
+	if err != nil {
+		return nil, err
+	}
+	ids := make([]uint32, len(devs))
+	for i, d := range devs {
+		ids[i] = d.ID
+	}
+	c.setDevices(user, ids)
+	return ids, nil
+}
+
+// learnDevices takes the current device lists from a stale_devices
+// refusal; without them, it forgets the cached lists involved.
+func (c *Client) learnDevices(re *RefusedError, to string) {
+	if len(re.Devices) == 0 {
+		c.mu.Lock()
+		delete(c.devices, to)
+		delete(c.devices, c.self.User)
+		c.mu.Unlock()
+		return
+	}
+	for user, ids := range re.Devices {
+		c.setDevices(user, ids)
+	}
+}
+
+// finish takes the head of the outbox out: accepted (err nil) or refused
+// for good.
+func (c *Client) finish(it *outItem, sent Sent, err error) {
+	c.outbox.queue.dropFirst()
+	if rerr := c.store.Remove(it.msg.ClientMsgID); rerr != nil {
+		c.log.Error("outbox: remove from the store", "msg", it.msg.ClientMsgID, "err", rerr)
+	}
+	if err == nil {
+		if c.tracker.Advance(sent.MessageRef, StatusSent) {
+			c.events.push(dispatchItem{accepted: &ReceiptEvent{
+				Message: sent.MessageRef, To: it.msg.To, Status: StatusSent, Time: sent.Time}})
+		}
+	} else {
+		sent = Sent{MessageRef: MessageRef{ClientMsgID: it.msg.ClientMsgID}}
+		c.tracker.Forget(it.msg.ClientMsgID)
+		c.emit(&SendFailedEvent{Message: MessageRef{ClientMsgID: it.msg.ClientMsgID}, To: it.msg.To, Err: err})
+	}
+	if it.done != nil {
+		it.done <- sendResult{sent: sent, err: err}
+	}
+}
+
+// retryOutbox makes the outbox retry at once (a connection came up).
+func (c *Client) retryOutbox() {
+	select {
+	case c.outbox.retry <- struct{}{}:
+	default:
+	}
+}

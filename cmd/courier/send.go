@@ -1,0 +1,71 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"strings"
+	"time"
+
+	"github.com/courier-im/courier/client"
+)
+
+func runSend(ctx context.Context, args []string) error {
+	return cmdSend(ctx, stdStreams(), args)
+}
+
+func cmdSend(ctx context.Context, st streams, args []string) error {
+	fs, home := newFlags(st, "send", "[--json] [--timeout D] USER TEXT...",
+		"Sends TEXT to USER and waits until the server has accepted it (✓). The\nmessage waits in the profile's outbox until then: if the server cannot be\nreached within --timeout, the next courier command that connects sends it.")
+	asJSON := fs.Bool("json", false, "print the acceptance as a JSON line")
+	timeout := fs.Duration("timeout", 30*time.Second, "how long to wait for the server to accept")
+	if err := parseFlags(fs, args); err != nil {
+		return err
+	}
+	if fs.NArg() < 2 {
+		return badUsage(st, fs, "need a USER and a TEXT")
+	}
+	to, body := fs.Arg(0), []byte(strings.Join(fs.Args()[1:], " "))
+	p, err := loadProfile(*home)
+	if err != nil {
+		return err
+	}
+	store, err := p.openStore()
+	if err != nil {
+		return err
+	}
+	defer store.Close()
+	cfg := p.clientConfig(st, store)
+	// Messages left in the outbox by earlier runs go first; their outcomes
+	// are recorded quietly.
+	quiet := &sink{store: store, pr: newPrinter(io.Discard, false), errw: st.err}
+	cfg.Handler = quiet.handle
+	c, err := client.New(cfg)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+
+	sendCtx, cancel := context.WithTimeout(ctx, *timeout)
+	defer cancel()
+	sent, err := c.Send(sendCtx, to, body)
+	if err != nil {
+		if errors.Is(err, context.DeadlineExceeded) {
+			return fmt.Errorf("%s did not accept the message within %v; it stays in the outbox and goes with the next 'courier inbox', 'listen', 'chat' or 'send'", p.creds.Server, *timeout)
+		}
+		if errors.Is(err, context.Canceled) {
+			return errors.New("interrupted; the message stays in the outbox and goes with the next 'courier inbox', 'listen', 'chat' or 'send'")
+		}
+		var re *client.RefusedError
+		if errors.As(err, &re) {
+			store.DropUnsent(sent.ClientMsgID)
+		}
+		return err
+	}
+	if err := store.MarkSent(sent); err != nil {
+		fmt.Fprintf(st.err, "courier: local store: %v\n", err)
+	}
+	newPrinter(st.out, *asJSON).sent(sent, c.Self(), to, body)
+	return nil
+}
