@@ -1,6 +1,6 @@
 // Command courier is the one courier binary: the server (serve), the
 // terminal client (register, send, inbox, listen, read, chat, devices,
-// whoami) and, later, the load generator (bench).
+// whoami), and the delivery checker (check).
 package main
 
 import (
@@ -28,9 +28,10 @@ var commands = map[string]command{
 	"chat":     {runChat, "interactive terminal chat: courier chat USER"},
 	"devices":  {runDevices, "list a user's devices"},
 	"whoami":   {runWhoami, "print this profile's user, device and server"},
+	"check":    {runCheck, "soak-test delivery: real clients against a server; every message must arrive exactly once, in order"},
 }
 
-var order = []string{"serve", "register", "send", "inbox", "listen", "read", "chat", "devices", "whoami"}
+var order = []string{"serve", "register", "send", "inbox", "listen", "read", "chat", "devices", "whoami", "check"}
 
 func usage() {
 	fmt.Fprintf(os.Stderr, "usage: courier COMMAND [flags] [args]\n\ncommands:\n")

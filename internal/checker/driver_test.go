@@ -1,0 +1,100 @@
+package checker_test
+
+import (
+	"bytes"
+	"context"
+	"testing"
+	"time"
+
+	"github.com/courier-im/courier/internal/checker"
+	"github.com/courier-im/courier/internal/servertest"
+)
+
+// run runs a conversation against srv and fails the test on any violation,
+// printing the report.
+func run(t *testing.T, srv *servertest.Server, cfg checker.Config) *checker.Result {
+	t.Helper()
+	cfg.Server = srv.URL
+	cfg.AddDevice = func(_ context.Context, user string) (uint32, string, error) {
+		id, cred := srv.AddDevice(t, user)
+		return id, cred, nil
+	}
+	cfg.Logf = t.Logf
+	d, err := checker.NewDriver(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	res, err := d.Run(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(res.Violations) > 0 {
+		var buf bytes.Buffer
+		checker.Report(&buf, res.Violations)
+		t.Fatalf("seed %d:\n%s", cfg.Seed, buf.String())
+	}
+	if !res.Quiesced {
+		t.Fatal("not every accepted message was delivered in time")
+	}
+	st := res.Stats
+	if st.Accepted != cfg.Messages || st.Sends != cfg.Messages {
+		t.Errorf("stats %+v: want %d sends and acceptances", st, cfg.Messages)
+	}
+	if st.Deliveries < st.Accepted {
+		t.Errorf("stats %+v: fewer deliveries than messages", st)
+	}
+	t.Logf("stats %+v, %d reconnects, %d reads, %v", st, res.Reconnects, res.Reads, res.Elapsed.Round(time.Millisecond))
+	return res
+}
+
+func TestCheckerSmall(t *testing.T) {
+	srv := servertest.Start(t)
+	run(t, srv, checker.Config{
+		Users:          6,
+		DevicesPerUser: 2,
+		Messages:       300,
+		Seed:           1,
+		ReconnectRate:  0.05,
+		ReadRate:       0.3,
+		Duration:       90 * time.Second,
+	})
+}
+
+func TestCheckerAcrossRestarts(t *testing.T) {
+	srv := servertest.Start(t)
+	restarts := 0
+	run(t, srv, checker.Config{
+		Users:          6,
+		DevicesPerUser: 2,
+		Messages:       300,
+		Seed:           2,
+		ReconnectRate:  0.05,
+		ReadRate:       0.3,
+		Duration:       90 * time.Second,
+		Faults:         2,
+		Fault: func(context.Context, int) error {
+			srv.Restart(t)
+			restarts++
+			return nil
+		},
+	})
+	if restarts != 2 {
+		t.Errorf("%d restarts, want 2", restarts)
+	}
+}
+
+func TestDriverConfig(t *testing.T) {
+	for _, cfg := range []checker.Config{
+		{Users: 3},
+		{Server: "http://127.0.0.1:1", Users: 1},
+		{Server: "http://127.0.0.1:1", Users: 3, DevicesPerUser: 2},
+		{Server: "http://127.0.0.1:1", Users: 3, DevicesPerUser: 3},
+		{Server: "http://127.0.0.1:1", Users: 3, Faults: 1},
+	} {
+		if _, err := checker.NewDriver(cfg); err == nil {
+			t.Errorf("NewDriver(%+v) accepted a bad config", cfg)
+		}
+	}
+}
