@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"net/http"
 	"strings"
 	"time"
@@ -30,7 +31,15 @@ type Config struct {
 	Logger   *slog.Logger
 	// Draining reports whether the server is shutting down.
 	Draining func() bool
+	// BodyTimeout bounds how long a client may take to send a request
+	// body, so that a body trickled a byte at a time cannot hold a handler
+	// (and its goroutine and buffers) for ever. Zero means
+	// DefaultBodyTimeout.
+	BodyTimeout time.Duration
 }
+
+// DefaultBodyTimeout is the default Config.BodyTimeout.
+const DefaultBodyTimeout = 30 * time.Second
 
 // API serves the HTTP endpoints.
 type API struct {
@@ -45,6 +54,9 @@ func New(cfg Config) *API {
 	}
 	if cfg.Draining == nil {
 		cfg.Draining = func() bool { return false }
+	}
+	if cfg.BodyTimeout <= 0 {
+		cfg.BodyTimeout = DefaultBodyTimeout
 	}
 	// Payloads travel as base64 in JSON (4/3 the size) plus addressing.
 	maxBody := int64(cfg.Delivery.MaxPayload())*int64(cfg.Delivery.MaxPayloads())*4/3 + 64<<10
@@ -66,29 +78,44 @@ func writeJSON(w http.ResponseWriter, status int, v any) {
 	json.NewEncoder(w).Encode(v)
 }
 
-// decode reads a JSON body of at most limit bytes into v, rejecting unknown
-// fields and trailing data.
-func decode(w http.ResponseWriter, r *http.Request, limit int64, v any) bool {
+// decode reads a JSON body of at most limit bytes, sent within the body
+// timeout, into v, rejecting unknown fields and trailing data.
+func (a *API) decode(w http.ResponseWriter, r *http.Request, limit int64, v any) bool {
 	if ct := r.Header.Get("Content-Type"); ct != "" && !strings.HasPrefix(ct, "application/json") {
 		apierr.Write(w, http.StatusUnsupportedMediaType, apierr.Detail{Code: "invalid", Message: "the body must be application/json"})
 		return false
 	}
+	// Not supported by every ResponseWriter (httptest's recorder): then
+	// there is no socket to time out either.
+	rc := http.NewResponseController(w)
+	rc.SetReadDeadline(time.Now().Add(a.cfg.BodyTimeout))
 	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, limit))
 	dec.DisallowUnknownFields()
 	err := dec.Decode(v)
 	if err == nil && dec.Decode(new(json.RawMessage)) != io.EOF {
 		err = errors.New("unexpected data after the JSON object")
 	}
-	if err != nil {
-		var tooBig *http.MaxBytesError
-		if errors.As(err, &tooBig) {
-			apierr.Write(w, http.StatusRequestEntityTooLarge, apierr.Detail{Code: "payload_too_large", Message: fmt.Sprintf("the body is larger than %d bytes", limit)})
-			return false
-		}
-		apierr.Write(w, http.StatusBadRequest, apierr.Detail{Code: "invalid", Message: "malformed JSON body: " + err.Error()})
+	if err == nil {
+		// The body is read to its end: lift the deadline, so that it cannot
+		// cut the connection's next read short while the handler works.
+		rc.SetReadDeadline(time.Time{})
+		return true
+	}
+	// On an error the deadline stays: after the answer, the server reads
+	// what is left of the body (to reuse the connection), and a client
+	// trickling it must not hold the connection that way either.
+	var tooBig *http.MaxBytesError
+	if errors.As(err, &tooBig) {
+		apierr.Write(w, http.StatusRequestEntityTooLarge, apierr.Detail{Code: "payload_too_large", Message: fmt.Sprintf("the body is larger than %d bytes", limit)})
 		return false
 	}
-	return true
+	if ne, ok := errors.AsType[net.Error](err); ok && ne.Timeout() {
+		w.Header().Set("Connection", "close")
+		apierr.Write(w, http.StatusBadRequest, apierr.Detail{Code: "invalid", Message: fmt.Sprintf("the body did not arrive within %v", a.cfg.BodyTimeout)})
+		return false
+	}
+	apierr.Write(w, http.StatusBadRequest, apierr.Detail{Code: "invalid", Message: "malformed JSON body: " + err.Error()})
+	return false
 }
 
 type handler func(w http.ResponseWriter, r *http.Request, dev ident.Device)
@@ -96,14 +123,11 @@ type handler func(w http.ResponseWriter, r *http.Request, dev ident.Device)
 func (a *API) authed(h handler) http.HandlerFunc {
 	return func(w http.ResponseWriter, r *http.Request) {
 		dev, err := a.cfg.Auth.Authenticate(r.Context(), r)
-		if errors.Is(err, auth.ErrUnauthorized) {
-			w.Header().Set("WWW-Authenticate", `Basic realm="courier"`)
-			apierr.Write(w, http.StatusUnauthorized, apierr.Detail{Code: "unauthorized", Message: "missing or wrong device credential"})
-			return
-		}
 		if err != nil {
-			a.cfg.Logger.Error("authenticate", "err", err)
-			apierr.Write(w, http.StatusServiceUnavailable, apierr.Detail{Code: "storage_unavailable", Message: "cannot check credentials right now", RetryAfterMs: 1000})
+			if !errors.Is(err, auth.ErrUnauthorized) && !errors.Is(err, auth.ErrRateLimited) {
+				a.cfg.Logger.Error("authenticate", "err", err)
+			}
+			auth.WriteError(w, err)
 			return
 		}
 		h(w, r, dev)
@@ -123,7 +147,7 @@ type createAccountResponse struct {
 
 func (a *API) createAccount(w http.ResponseWriter, r *http.Request) {
 	var req createAccountRequest
-	if !decode(w, r, 4<<10, &req) {
+	if !a.decode(w, r, 4<<10, &req) {
 		return
 	}
 	if !ident.ValidUser(req.Name) {
@@ -210,7 +234,7 @@ func (a *API) send(w http.ResponseWriter, r *http.Request, dev ident.Device) {
 		return
 	}
 	var req sendRequest
-	if !decode(w, r, a.maxBody, &req) {
+	if !a.decode(w, r, a.maxBody, &req) {
 		return
 	}
 	if len(req.Payloads) > a.cfg.Delivery.MaxPayloads() {
@@ -276,7 +300,7 @@ type readRequest struct {
 
 func (a *API) read(w http.ResponseWriter, r *http.Request, dev ident.Device) {
 	var req readRequest
-	if !decode(w, r, 256<<10, &req) {
+	if !a.decode(w, r, 256<<10, &req) {
 		return
 	}
 	refs := make([]*pb.MessageRef, len(req.Messages))

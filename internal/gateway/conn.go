@@ -29,6 +29,10 @@ const (
 	maxWatching = 1024
 	// opTimeout bounds storage work done for one frame.
 	opTimeout = 30 * time.Second
+	// closeGrace bounds how long a closing connection waits for the
+	// device to answer the close handshake; a device that does not (it is
+	// gone, or is trickling a frame to hold the connection) is cut off.
+	closeGrace = time.Second
 )
 
 // conn is one device connection.
@@ -139,15 +143,23 @@ func (c *conn) event(f *pb.ServerFrame) {
 	}
 }
 
+// answer queues the reply to a client frame. A frame with id 0 asks for
+// no reply (docs/protocol.md), so none is sent for it except an
+// Error{MALFORMED}, which tells the device that a frame was not understood.
+func (c *conn) answer(f *pb.ServerFrame) {
+	if f.Id == 0 && f.GetError().GetCode() != pb.ErrorCode_ERROR_CODE_MALFORMED {
+		return
+	}
+	c.reply(f)
+}
+
 func (c *conn) replyError(id uint64, code pb.ErrorCode, msg string) {
 	c.g.cfg.Metrics.FrameErrors.WithLabelValues(code.String()).Inc()
-	c.reply(&pb.ServerFrame{Id: id, Body: &pb.ServerFrame_Error{Error: &pb.Error{Code: code, Message: msg}}})
+	c.answer(&pb.ServerFrame{Id: id, Body: &pb.ServerFrame_Error{Error: &pb.Error{Code: code, Message: msg}}})
 }
 
 func (c *conn) replyOk(id uint64) {
-	if id != 0 {
-		c.reply(&pb.ServerFrame{Id: id, Body: &pb.ServerFrame_Ok{Ok: &pb.Ok{}}})
-	}
+	c.answer(&pb.ServerFrame{Id: id, Body: &pb.ServerFrame_Ok{Ok: &pb.Ok{}}})
 }
 
 // reader reads and handles client frames until the connection fails or is
@@ -171,20 +183,57 @@ func (c *conn) reader() {
 			c.closeWith(pb.ErrorCode_ERROR_CODE_FRAME_TOO_LARGE, "frame larger than the limit", websocket.StatusMessageTooBig, 0)
 			return
 		}
-		if typ != websocket.MessageBinary {
-			c.replyError(0, pb.ErrorCode_ERROR_CODE_MALFORMED, "frames are binary protobuf ClientFrame messages")
-			continue
-		}
-		var f pb.ClientFrame
-		if err := proto.Unmarshal(buf.Bytes(), &f); err != nil {
-			c.replyError(0, pb.ErrorCode_ERROR_CODE_MALFORMED, "cannot decode ClientFrame: "+err.Error())
-			continue
-		}
-		c.handle(&f)
+		c.frame(typ, buf.Bytes())
 		if buf.Cap() > 64<<10 {
 			buf = bytes.Buffer{} // do not keep a large buffer for an idle connection
 		}
 	}
+}
+
+// frame decodes and handles one message from the device, of at most
+// MaxFrame bytes: everything the connection does with a frame once it is
+// read (the fuzz tests drive this without a socket).
+func (c *conn) frame(typ websocket.MessageType, data []byte) {
+	if typ != websocket.MessageBinary {
+		c.replyError(0, pb.ErrorCode_ERROR_CODE_MALFORMED, "frames are binary protobuf ClientFrame messages")
+		return
+	}
+	var f pb.ClientFrame
+	if err := proto.Unmarshal(data, &f); err != nil {
+		// Answer with the frame's id if it can be read, so that a device
+		// waiting for that reply gets it.
+		c.replyError(frameID(data), pb.ErrorCode_ERROR_CODE_MALFORMED, "cannot decode ClientFrame: "+err.Error())
+		return
+	}
+	c.handle(&f)
+}
+
+// frameID returns the id of an undecodable ClientFrame, if its top-level
+// fields can be walked far enough to find one (as proto.Unmarshal would:
+// the last occurrence wins), else 0.
+func frameID(b []byte) uint64 {
+	var id uint64
+	for len(b) > 0 {
+		num, typ, n := protowire.ConsumeTag(b)
+		if n < 0 {
+			break
+		}
+		b = b[n:]
+		if num == 1 && typ == protowire.VarintType {
+			v, m := protowire.ConsumeVarint(b)
+			if m < 0 {
+				break
+			}
+			id, b = v, b[m:]
+			continue
+		}
+		m := protowire.ConsumeFieldValue(num, typ, b)
+		if m < 0 {
+			break
+		}
+		b = b[m:]
+	}
+	return id
 }
 
 func (c *conn) handle(f *pb.ClientFrame) {
@@ -205,7 +254,7 @@ func (c *conn) handle(f *pb.ClientFrame) {
 		c.g.typing(c.dev, b.Typing.To, b.Typing.Typing)
 		c.replyOk(f.Id)
 	case *pb.ClientFrame_Ping:
-		c.reply(&pb.ServerFrame{Id: f.Id, Body: &pb.ServerFrame_Pong{Pong: &pb.Pong{
+		c.answer(&pb.ServerFrame{Id: f.Id, Body: &pb.ServerFrame_Pong{Pong: &pb.Pong{
 			ClientTimeMs: b.Ping.GetClientTimeMs(), ServerTimeMs: time.Now().UnixMilli()}}})
 	default:
 		c.replyError(f.Id, pb.ErrorCode_ERROR_CODE_MALFORMED, "frame has no known body")
@@ -240,12 +289,12 @@ func (c *conn) handleSend(id uint64, s *pb.Send) {
 		c.refuse(id, r)
 		return
 	}
-	c.reply(&pb.ServerFrame{Id: id, Body: &pb.ServerFrame_Accepted{Accepted: &pb.Accepted{
+	c.answer(&pb.ServerFrame{Id: id, Body: &pb.ServerFrame_Accepted{Accepted: &pb.Accepted{
 		ServerId: acc.ServerID, ServerTimeMs: acc.Time.UnixMilli(), Duplicate: acc.Duplicate}}})
 }
 
 func (c *conn) refuse(id uint64, r *delivery.Refusal) {
-	c.reply(&pb.ServerFrame{Id: id, Body: &pb.ServerFrame_Refused{Refused: &pb.Refused{
+	c.answer(&pb.ServerFrame{Id: id, Body: &pb.ServerFrame_Refused{Refused: &pb.Refused{
 		Code: r.Code, Message: r.Message, Devices: r.Devices, RetryAfterMs: r.RetryAfter.Milliseconds()}}})
 }
 
@@ -297,7 +346,7 @@ func (c *conn) handleRead(id uint64, r *pb.Read) {
 		case ref.Code == pb.RefusalCode_REFUSAL_CODE_INVALID:
 			c.replyError(id, pb.ErrorCode_ERROR_CODE_MALFORMED, ref.Message)
 		default:
-			c.reply(&pb.ServerFrame{Id: id, Body: &pb.ServerFrame_Error{Error: &pb.Error{
+			c.answer(&pb.ServerFrame{Id: id, Body: &pb.ServerFrame_Error{Error: &pb.Error{
 				Code: pb.ErrorCode_ERROR_CODE_INTERNAL, Message: ref.Message, RetryAfterMs: ref.RetryAfter.Milliseconds()}}})
 		}
 		return
@@ -306,7 +355,9 @@ func (c *conn) handleRead(id uint64, r *pb.Read) {
 }
 
 func (c *conn) handleSubscribe(id uint64, s *pb.Subscribe) {
-	if len(s.Users)+len(s.Unsubscribe) == 0 || len(s.Users) > maxWatching {
+	// Both lists are bounded: unsubscribing scans the connection's
+	// subscriptions for each name.
+	if len(s.Users)+len(s.Unsubscribe) == 0 || len(s.Users) > maxWatching || len(s.Unsubscribe) > maxWatching {
 		c.replyError(id, pb.ErrorCode_ERROR_CODE_MALFORMED, "subscribe names 1 to 1024 users")
 		return
 	}
@@ -475,6 +526,12 @@ func (c *conn) writer() {
 // reason to give.
 func (c *conn) finish() {
 	c.closeWith(0, "", websocket.StatusNormalClosure, 0)
+	// A device that does not answer the close handshake within closeGrace
+	// is cut off: cancelling the reader's context closes the socket, which
+	// ends the handshake too (it would otherwise wait 5 s for a reader
+	// stuck in the middle of a frame).
+	cut := time.AfterFunc(closeGrace, c.cancel)
+	defer cut.Stop()
 	if c.closeErr != nil {
 		// Best effort: the device may not be reading.
 		c.write(&pb.ServerFrame{Body: &pb.ServerFrame_Error{Error: c.closeErr}})

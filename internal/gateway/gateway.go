@@ -63,6 +63,10 @@ type Config struct {
 	// ShutdownRetryAfter is the base of the retry delay given to clients on
 	// shutdown; each client gets a random delay in [base, 2*base).
 	ShutdownRetryAfter time.Duration
+	// MaxConnsPerAddr caps the connections open (or being opened) from one
+	// source address (auth.SourceAddr: the IP, or an IPv6 /64); more are
+	// refused with 429 rate_limited. Zero or negative means no cap.
+	MaxConnsPerAddr int
 }
 
 // Defaults for Config fields left zero.
@@ -81,6 +85,7 @@ type Gateway struct {
 	conns    map[ident.Device]*conn
 	online   map[string]int                // user -> connected devices
 	watchers map[string]map[*conn]struct{} // user -> subscribers of its presence
+	addrs    map[string]int                // source address -> connections (with MaxConnsPerAddr)
 	closing  bool
 	wg       sync.WaitGroup
 
@@ -113,6 +118,7 @@ func New(cfg Config) *Gateway {
 		conns:    map[ident.Device]*conn{},
 		online:   map[string]int{},
 		watchers: map[string]map[*conn]struct{}{},
+		addrs:    map[string]int{},
 		stop:     make(chan struct{}),
 	}
 	go g.idleSweeper()
@@ -137,18 +143,34 @@ func (g *Gateway) Connections() int {
 	return len(g.conns)
 }
 
+// AddrRetryAfter is the retry delay given to a source address that has
+// reached MaxConnsPerAddr.
+const AddrRetryAfter = 5 * time.Second
+
 // ServeHTTP authenticates the request and upgrades it to a device connection.
 func (g *Gateway) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	// The cap on connections per address is checked first: it costs no
+	// lookup, and an address at its cap gets nothing more.
+	addr := auth.SourceAddr(r.RemoteAddr)
+	if !g.admit(addr) {
+		g.cfg.Metrics.Connects.WithLabelValues("too_many_connections").Inc()
+		apierr.Write(w, http.StatusTooManyRequests, apierr.Detail{Code: "rate_limited",
+			Message: "too many connections from this address", RetryAfterMs: AddrRetryAfter.Milliseconds()})
+		return
+	}
+	defer g.release(addr)
 	dev, err := g.cfg.Auth.Authenticate(r.Context(), r)
 	if err != nil {
-		g.cfg.Metrics.Connects.WithLabelValues("unauthorized").Inc()
-		if errors.Is(err, auth.ErrUnauthorized) {
-			w.Header().Set("WWW-Authenticate", `Basic realm="courier"`)
-			apierr.Write(w, http.StatusUnauthorized, apierr.Detail{Code: "unauthorized", Message: "missing or wrong device credential"})
-			return
+		switch {
+		case errors.Is(err, auth.ErrUnauthorized):
+			g.cfg.Metrics.Connects.WithLabelValues("unauthorized").Inc()
+		case errors.Is(err, auth.ErrRateLimited):
+			g.cfg.Metrics.Connects.WithLabelValues("rate_limited").Inc()
+		default:
+			g.cfg.Metrics.Connects.WithLabelValues("unauthorized").Inc()
+			g.log.Error("authenticate", "err", err)
 		}
-		g.log.Error("authenticate", "err", err)
-		apierr.Write(w, http.StatusServiceUnavailable, apierr.Detail{Code: "storage_unavailable", Message: "cannot check credentials right now"})
+		auth.WriteError(w, err)
 		return
 	}
 	g.mu.Lock()
@@ -178,6 +200,32 @@ func (g *Gateway) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	c.run()
 	g.cfg.Metrics.Connections.Dec()
 	g.unregister(c)
+}
+
+// admit counts a connection from addr, unless addr has MaxConnsPerAddr.
+func (g *Gateway) admit(addr string) bool {
+	if g.cfg.MaxConnsPerAddr <= 0 {
+		return true
+	}
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if g.addrs[addr] >= g.cfg.MaxConnsPerAddr {
+		return false
+	}
+	g.addrs[addr]++
+	return true
+}
+
+// release forgets a connection admitted from addr.
+func (g *Gateway) release(addr string) {
+	if g.cfg.MaxConnsPerAddr <= 0 {
+		return
+	}
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if g.addrs[addr]--; g.addrs[addr] <= 0 {
+		delete(g.addrs, addr)
+	}
 }
 
 // register makes c the connection of its device, superseding an older one.

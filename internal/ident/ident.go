@@ -46,14 +46,17 @@ type Device struct {
 
 func (d Device) String() string { return d.User + "." + strconv.FormatUint(uint64(d.ID), 10) }
 
-// ParseDevice parses the "user.id" form that Device.String produces.
+// ParseDevice parses the "user.id" form that Device.String produces, and
+// only that form: a device has one spelling ("alice.01" is refused), so
+// that whatever is keyed by the text, such as the limits on failed
+// authentication, cannot be dodged by writing the same device another way.
 func ParseDevice(s string) (Device, error) {
 	i := strings.LastIndexByte(s, '.')
 	if i < 0 {
 		return Device{}, fmt.Errorf("device %q: want user.id", s)
 	}
 	id, err := strconv.ParseUint(s[i+1:], 10, 32)
-	if err != nil || id == 0 {
+	if err != nil || id == 0 || s[i+1] == '0' {
 		return Device{}, fmt.Errorf("device %q: bad device id", s)
 	}
 	if !ValidUser(s[:i]) {

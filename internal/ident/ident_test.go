@@ -24,7 +24,7 @@ func TestParseDevice(t *testing.T) {
 	if err != nil || d != (Device{User: "alice", ID: 12}) || d.String() != "alice.12" {
 		t.Fatalf("got %v, %v", d, err)
 	}
-	for _, bad := range []string{"alice", "alice.", "alice.0", ".1", "Alice.1", "alice.-1", "alice.4294967296", "a.b.1"} {
+	for _, bad := range []string{"alice", "alice.", "alice.0", ".1", "Alice.1", "alice.-1", "alice.4294967296", "a.b.1", "alice.01", "0.0001"} {
 		if _, err := ParseDevice(bad); err == nil {
 			t.Errorf("%q parsed", bad)
 		}

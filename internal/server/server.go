@@ -55,7 +55,19 @@ type Config struct {
 	// MinFreeBytes: below this much free disk, sends are refused
 	// (storage_unavailable) rather than risk a half-written store.
 	MinFreeBytes int64
-	Logger       *slog.Logger
+	// AuthFailures limits failed authentications per source address and
+	// per device (zero fields mean auth's defaults: 10 failures, then one
+	// a second; a negative Burst turns the limits off).
+	AuthFailures auth.LimitConfig
+	// MaxConnsPerAddr caps the WebSocket connections from one source
+	// address (an IP; for IPv6 a /64). Zero means DefaultMaxConnsPerAddr;
+	// negative means no cap.
+	MaxConnsPerAddr int
+	// ReadHeaderTimeout bounds how long a client may take to send a
+	// request's headers; BodyTimeout, its body. Zero means the default.
+	ReadHeaderTimeout time.Duration
+	BodyTimeout       time.Duration
+	Logger            *slog.Logger
 
 	// Mailbox and Accounts, when set, are used instead of the embedded
 	// backends in DataDir (the Server then does not close them).
@@ -71,6 +83,10 @@ const (
 	DefaultExpireEvery     = time.Hour
 	DefaultShutdownTimeout = 20 * time.Second
 	DefaultMinFreeBytes    = 64 << 20
+	// DefaultMaxConnsPerAddr is generous: load tests open thousands of
+	// connections from one machine (on loopback, from many 127.0.0.x).
+	DefaultMaxConnsPerAddr   = 1000
+	DefaultReadHeaderTimeout = 10 * time.Second
 )
 
 func (c *Config) setDefaults() {
@@ -104,6 +120,15 @@ func (c *Config) setDefaults() {
 	if c.MinFreeBytes == 0 {
 		c.MinFreeBytes = DefaultMinFreeBytes
 	}
+	if c.MaxConnsPerAddr == 0 {
+		c.MaxConnsPerAddr = DefaultMaxConnsPerAddr
+	}
+	if c.ReadHeaderTimeout == 0 {
+		c.ReadHeaderTimeout = DefaultReadHeaderTimeout
+	}
+	if c.BodyTimeout == 0 {
+		c.BodyTimeout = api.DefaultBodyTimeout
+	}
 	if c.Logger == nil {
 		c.Logger = slog.New(slog.DiscardHandler)
 	}
@@ -126,6 +151,10 @@ func (c *Config) Verify() error {
 	}
 	if c.IdleTimeout < time.Second || c.WriteTimeout < 100*time.Millisecond {
 		errs = append(errs, fmt.Errorf("idle timeout %v / write timeout %v: too short", c.IdleTimeout, c.WriteTimeout))
+	}
+	if c.ReadHeaderTimeout < 0 || c.BodyTimeout < 0 || c.AuthFailures.Every < 0 {
+		errs = append(errs, fmt.Errorf("read header timeout %v / body timeout %v / auth failure interval %v: want positive",
+			c.ReadHeaderTimeout, c.BodyTimeout, c.AuthFailures.Every))
 	}
 	if _, _, err := net.SplitHostPort(c.Addr); err != nil {
 		errs = append(errs, fmt.Errorf("addr %q: %v", c.Addr, err))
@@ -197,7 +226,7 @@ func New(cfg Config) (*Server, error) {
 		}, func() float64 { return float64(d.Depth()) }))
 	}
 
-	authn := &auth.Authenticator{Accounts: s.accounts}
+	authn := &auth.Authenticator{Accounts: s.accounts, Limiter: auth.NewLimiter(cfg.AuthFailures)}
 	// The gateway is the delivery service's notifier and needs the service:
 	// a small forwarding notifier breaks the cycle without setters.
 	var notify notifier
@@ -207,12 +236,13 @@ func New(cfg Config) (*Server, error) {
 	})
 	s.gateway = gateway.New(gateway.Config{
 		Accounts: s.accounts, Mailbox: s.mailbox, Delivery: svc, Auth: authn, Metrics: m, Logger: cfg.Logger,
-		IdleTimeout: cfg.IdleTimeout, WriteTimeout: cfg.WriteTimeout,
+		IdleTimeout: cfg.IdleTimeout, WriteTimeout: cfg.WriteTimeout, MaxConnsPerAddr: cfg.MaxConnsPerAddr,
 	})
 	notify.to = s.gateway
 
 	mux := http.NewServeMux()
-	api.New(api.Config{Accounts: s.accounts, Delivery: svc, Auth: authn, Logger: cfg.Logger, Draining: s.gateway.Draining}).Register(mux)
+	api.New(api.Config{Accounts: s.accounts, Delivery: svc, Auth: authn, Logger: cfg.Logger, Draining: s.gateway.Draining,
+		BodyTimeout: cfg.BodyTimeout}).Register(mux)
 	mux.Handle("GET /v1/ws", s.gateway)
 	mux.Handle("GET /metrics", promhttp.HandlerFor(s.registry, promhttp.HandlerOpts{Registry: s.registry}))
 	s.handler = mux
@@ -238,7 +268,7 @@ func (s *Server) Registry() *prometheus.Registry { return s.registry }
 func (s *Server) Serve(ln net.Listener) error {
 	hs := &http.Server{
 		Handler:           s.handler,
-		ReadHeaderTimeout: 10 * time.Second,
+		ReadHeaderTimeout: s.cfg.ReadHeaderTimeout,
 		IdleTimeout:       2 * time.Minute,
 		MaxHeaderBytes:    16 << 10,
 		ErrorLog:          slog.NewLogLogger(s.log.Handler(), slog.LevelDebug),
