@@ -42,9 +42,7 @@ type Directory struct {
 	lastSeen map[string]time.Time
 	watchers map[chan directory.PresenceEvent]struct{}
 
-	stop      chan struct{}
-	done      chan struct{}
-	closeOnce sync.Once
+	sweeper *directory.Sweeper
 }
 
 var _ directory.Directory = (*Directory)(nil)
@@ -57,8 +55,6 @@ func New(opts Options) *Directory {
 		users:    map[string]map[uint32]entry{},
 		lastSeen: map[string]time.Time{},
 		watchers: map[chan directory.PresenceEvent]struct{}{},
-		stop:     make(chan struct{}),
-		done:     make(chan struct{}),
 	}
 	if d.now == nil {
 		d.now = time.Now
@@ -66,34 +62,13 @@ func New(opts Options) *Directory {
 	if d.buffer <= 0 {
 		d.buffer = 256
 	}
-	every := opts.SweepEvery
-	if every == 0 {
-		every = time.Second
-	}
-	if every < 0 {
-		close(d.done)
-		return d
-	}
-	go func() {
-		defer close(d.done)
-		t := time.NewTicker(every)
-		defer t.Stop()
-		for {
-			select {
-			case <-d.stop:
-				return
-			case <-t.C:
-				d.Sweep()
-			}
-		}
-	}()
+	d.sweeper = directory.StartSweeper(opts.SweepEvery, d.Sweep)
 	return d
 }
 
 // Close stops the sweep.
 func (d *Directory) Close() error {
-	d.closeOnce.Do(func() { close(d.stop) })
-	<-d.done
+	d.sweeper.Close()
 	return nil
 }
 

@@ -32,7 +32,6 @@ import (
 	"sort"
 	"strconv"
 	"strings"
-	"sync"
 	"time"
 
 	goredis "github.com/redis/go-redis/v9"
@@ -59,9 +58,7 @@ type Directory struct {
 	prefix string
 	batch  int
 
-	stop      chan struct{}
-	done      chan struct{}
-	closeOnce sync.Once
+	sweeper *directory.Sweeper
 }
 
 var _ directory.Directory = (*Directory)(nil)
@@ -73,8 +70,6 @@ func New(rdb goredis.UniversalClient, opts Options) *Directory {
 		rdb:    rdb,
 		prefix: opts.Prefix,
 		batch:  opts.SweepBatch,
-		stop:   make(chan struct{}),
-		done:   make(chan struct{}),
 	}
 	if d.prefix == "" {
 		d.prefix = "courier:dir:"
@@ -82,36 +77,17 @@ func New(rdb goredis.UniversalClient, opts Options) *Directory {
 	if d.batch <= 0 {
 		d.batch = 256
 	}
-	every := opts.SweepEvery
-	if every == 0 {
-		every = time.Second
-	}
-	if every < 0 {
-		close(d.done)
-		return d
-	}
-	go func() {
-		defer close(d.done)
-		t := time.NewTicker(every)
-		defer t.Stop()
-		for {
-			select {
-			case <-d.stop:
-				return
-			case <-t.C:
-				// An error (Redis unreachable) is retried at the
-				// next tick; nothing is lost by skipping a sweep.
-				_, _ = d.Sweep(context.Background())
-			}
-		}
-	}()
+	d.sweeper = directory.StartSweeper(opts.SweepEvery, func() {
+		// An error (Redis unreachable) is retried at the next tick;
+		// nothing is lost by skipping a sweep.
+		_, _ = d.Sweep(context.Background())
+	})
 	return d
 }
 
 // Close stops the sweep.
 func (d *Directory) Close() error {
-	d.closeOnce.Do(func() { close(d.stop) })
-	<-d.done
+	d.sweeper.Close()
 	return nil
 }
 
