@@ -78,6 +78,29 @@ type Store interface {
 	Close() error
 }
 
+// Sequencer is an optional capability of a Store: an Append split in two,
+// so that a caller can order several appends one after another without
+// waiting for each to be durable in turn (a connection with several sends
+// in flight). Store.Append must behave as StartAppend followed by Wait.
+type Sequencer interface {
+	// StartAppend does what Append does up to the point where b is ordered:
+	// when it returns without error, every entry of b has its seq, after
+	// the seqs of every batch whose StartAppend or Append returned before
+	// this call was made (for the same devices), and b will be committed
+	// whether or not Wait is called. b may already be visible to Read
+	// before it is durable. An error means nothing was appended, or, as
+	// for Append, that the outcome is unknown.
+	StartAppend(ctx context.Context, b Batch) (Pending, error)
+}
+
+// Pending is an append that has been ordered but may not yet be durable.
+type Pending interface {
+	// Wait returns once the batch is durable, with Append's result and
+	// errors, or when ctx is done (the append goes on; the outcome is then
+	// unknown to the caller). Wait may be called more than once.
+	Wait(ctx context.Context) (Result, error)
+}
+
 // Depther is an optional capability: the number of entries held across all
 // mailboxes, for the mailbox depth metric.
 type Depther interface {

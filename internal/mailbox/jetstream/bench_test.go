@@ -45,6 +45,24 @@ func benchAppend(b *testing.B, keyed bool) {
 	}
 }
 
+// BenchmarkAppendDurable is the send path as courier uses it: single-item
+// appends to an R1 file stream with sync_interval: always, keyed (every
+// send carries an idempotency key) and not, from 1, 16 and 64 concurrent
+// appenders on one Store.
+func BenchmarkAppendDurable(b *testing.B) {
+	srv := startServer(b, serverConfig{name: "bench", dir: b.TempDir(), port: -1, syncAlwy: true})
+	defer srv.Shutdown()
+	for _, keyed := range []bool{true, false} {
+		for _, conc := range []int{1, 16, 64} {
+			b.Run(fmt.Sprintf("keyed=%v/appenders=%d", keyed, conc), func(b *testing.B) {
+				nc := connect(b, srv.ClientURL())
+				defer nc.Close()
+				runAppends(b, nc, 1, 1, conc, keyed)
+			})
+		}
+	}
+}
+
 // BenchmarkAppendR3 is BenchmarkAppend on an R3 stream of a 3-node
 // in-process cluster (sync_interval: always on every node), keyed and not.
 func BenchmarkAppendR3(b *testing.B) {

@@ -56,6 +56,40 @@
 // An error leaves the outcome unknown (a lost ack); retrying with the same
 // Key resolves it, as the interface says.
 //
+// # Group commit
+//
+// nats-server 2.14 commits a stream's atomic batches one at a time, and on
+// an R1 file stream stages each batch in a temporary file store of its own
+// (a directory, a metadata file and a block, created and removed per
+// batch): about 2 ms of file-system work per batch, more than the fsync of
+// its messages. So the Store commits every append that needs a batch (a
+// keyed append, or more than one item) through a group commit: appends
+// that arrive while earlier groups are being committed (at most 2 groups
+// in flight per Store) queue up, and the next group takes them in arrival
+// order (up to 128 messages and 256 KiB, never two with the same key) and
+// writes them as one atomic batch, each append's messages contiguous. The
+// commit's ack gives the group's last seq, hence every member's seqs. Each
+// member returns only after the group's commit was acknowledged (by the
+// stream's quorum on a replicated stream), and is stored whole or not at
+// all like the group: grouping promises nothing weaker than a batch of its
+// own. What it changes is that members share fate: when the server
+// refuses a group (a member's key exists, or any other error answered by
+// the server, which means nothing of the group was stored), every member
+// retries on its own, as below. When the ack is lost (timeout, connection
+// closed), every member gets the error, and its outcome is unknown, as for
+// a lone append. An append whose caller gives up while it is still queued
+// is dropped unsent. A single item without a key stays one plain publish
+// (cheaper for the server than any batch, and pipelined on the connection
+// with every other request). Groups are kept small because the server
+// holds the stream's lock while it commits a batch, writing and fsyncing
+// its messages one by one, and reads wait for it: with groups of up to 512
+// messages and R3 reads made entirely through the leader (see Reads), the
+// readers of the conformance suite's ConcurrentWriters test (32 writers)
+// hit the 10 s call timeout now and then on this loaded machine.
+//
+// Two appends with one key never share a group: one of them must be
+// refused, and it must not take the others down with it.
+//
 // # Idempotency keys
 //
 // JetStream's own Nats-Msg-Id de-duplication lasts only the duplicate
@@ -63,15 +97,17 @@
 // batches, so keys are messages of their own, on the key subject, written
 // inside the same atomic batch as the entries with the header
 // Nats-Expected-Last-Subject-Sequence: 0: the server stores the batch only
-// if that subject holds no message. Append first looks the key up (a
-// direct get; a hit returns Duplicate and the stored receipt). If it is
-// absent, Append publishes; of two concurrent appends with one key the
-// server stores one and rejects the other (error 10071, or 10164 while the
-// first is still in flight), and the loser looks again, now through the
-// stream leader ($JS.API.STREAM.MSG.GET), which sees every committed write,
-// retrying with a short pause until it finds the winner's receipt or its
-// own publish succeeds (if the winner failed). A key lives until Expire or
-// MaxAge removes it; deleting entries does not touch it.
+// if that subject holds no message. So a keyed append is sent straight
+// away, without looking the key up first (duplicates are rare: client
+// retries after a lost ack). When the server refuses it (error 10071, or
+// 10164 while an append with that key is in flight) or refuses its group,
+// Append looks the key up through the stream leader
+// ($JS.API.STREAM.MSG.GET), which sees every committed write: found, it
+// returns Duplicate and the stored receipt; absent, it publishes the
+// batch on its own, and on another conflict looks again after a short
+// pause that grows, until it finds the winner's receipt or its own publish
+// succeeds (if the winner failed). A key lives until Expire or MaxAge
+// removes it; deleting entries does not touch it.
 //
 // # Reads
 //
@@ -93,16 +129,26 @@
 // a later Read may return fewer entries than an earlier one. The
 // conformance suite's ConcurrentWriters test (monotonic reads) fails that
 // way on R3 (checked while writing this package). So by default Read on a
-// replicated stream goes through the stream leader
-// ($JS.API.STREAM.MSG.GET with seq and next_by_subj), which answers after
-// applying in order and acknowledges appends only after applying them:
-// reads see every returned Append and never shrink while the leader stays
-// the same. That API returns one message per request, so such a Read costs
-// one round trip per entry and loads the leader; Options.StaleReads
-// chooses the batched direct get instead, for callers that re-read on
-// their next trigger anyway. Lookups that must be current (a key after a
-// conflict, entries a Delete's direct get did not find) always go to the
-// leader.
+// replicated stream checks the replica's answer against the stream leader
+// ($JS.API.STREAM.MSG.GET), which answers after applying in order and
+// acknowledges appends only after applying them: after the batched direct
+// get, one leader request for the device's last entry (last_by_subj),
+// whose seq L the answer is compared with. Both are prefixes of one log,
+// so the replica's entries up to min(its last, L) are exactly the
+// leader's (but for deletes one of them applied first: an entry being
+// deleted may show or not). If the replica's answer ends at L, or fills
+// the page below L, it is the leader's; if it goes past L (the replica is
+// ahead), the entries past L are dropped; if it ends before L (the
+// replica is behind), the rest is read from the leader, one message per
+// request (that API has no batch), from where the replica stopped. So a
+// Read costs two round trips plus one per entry the answering replica
+// lacked, sees every returned Append, and never shrinks while the leader
+// stays the same. (Before, every entry was read through the leader, one
+// round trip each: a Read of a few hundred entries under load could take
+// seconds.) Options.StaleReads skips the leader check, for callers that
+// re-read on their next trigger anyway. Lookups that must be current (a
+// key after a conflict, entries a Delete's direct get did not find) always
+// go to the leader.
 //
 // # Delete
 //
@@ -167,13 +213,17 @@
 //
 // Atomic batches cost more than their messages: on an R1 file-backed
 // stream the server stages every batch in a temporary file store of its
-// own (created and removed per batch), about 2 ms per batch here whatever
-// the sync setting, and batches of one stream are committed one at a time
-// (~200-500 batches/s; BenchmarkAppendKeyed). On a replicated stream the
+// own, about 2 ms per batch here whatever the sync setting, and batches of
+// one stream are committed one at a time. On a replicated stream the
 // staging is in memory and the batch is one Raft proposal. Every keyed
-// append with items is an atomic batch (entries + key), so the keyed
-// single-item append, courier's common case, is bounded by this; see the
-// report for the figures and the open problem.
+// append with items is an atomic batch (entries + key), so keyed appends,
+// courier's common case, are bounded by this per batch, and the group
+// commit (above) spreads one batch's cost over every append waiting: with
+// sync_interval: always, BenchmarkAppendDurable's keyed appends went from
+// ~370 to ~760 a second with 16 appenders and from ~300 to ~840 with 64
+// (medians of 5 on a shared machine; docs/performance.md has the figures
+// and commands). The messages themselves are still fsynced one by one by
+// the server.
 //
 // The tests run in-process servers with SyncAlways (sync_interval:
 // always). Crash is simulated by copying the running server's store

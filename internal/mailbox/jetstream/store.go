@@ -60,8 +60,9 @@ type Options struct {
 	// Default DefaultDepthCacheTTL.
 	DepthCacheTTL time.Duration
 	// StaleReads makes Read on a replicated stream a batched direct get,
-	// answered by any current replica (one round trip per page), instead
-	// of reading through the stream leader (one round trip per entry). A
+	// answered by any current replica (one round trip per page), without
+	// checking it against the stream leader (one more round trip, and one
+	// per entry the replica lacked; see the package doc, Reads). A
 	// replica can be behind the leader or ahead of it, so such a Read may
 	// miss entries an Append already returned, and a later Read may return
 	// fewer than an earlier one; it never skips an entry (see the package
@@ -82,6 +83,7 @@ type Store struct {
 	opts   Options
 	log    *slog.Logger
 	mux    *replyMux
+	groups *committer
 
 	replicated bool // the stream has more than one replica
 
@@ -178,10 +180,12 @@ func Open(ctx context.Context, nc *nats.Conn, opts Options) (*Store, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &Store{
+	s := &Store{
 		nc: nc, js: js, stream: stream, name: opts.Stream, subj: subj,
 		opts: opts, log: opts.Logger, mux: mux, replicated: got.Replicas > 1,
-	}, nil
+	}
+	s.groups = &committer{s: s}
+	return s, nil
 }
 
 func withTimeout(ctx context.Context, d time.Duration) (context.Context, context.CancelFunc) {
@@ -226,7 +230,8 @@ func wrapErr(err error) error {
 type outMsg struct {
 	subject string
 	data    []byte
-	expNone bool // the subject must hold no message (idempotency key)
+	ts      string // Courier-Time: the append's time, encodeTime
+	expNone bool   // the subject must hold no message (idempotency key)
 }
 
 // Append implements mailbox.Store.
@@ -248,12 +253,20 @@ func (s *Store) Append(ctx context.Context, b mailbox.Batch) (mailbox.Result, er
 	if when.IsZero() {
 		when = time.Now()
 	}
+	ts := encodeTime(when)
 	msgs := make([]outMsg, 0, len(b.Items)+1)
 	for _, it := range b.Items {
-		msgs = append(msgs, outMsg{subject: s.subj.device(it.Device), data: it.Data})
+		msgs = append(msgs, outMsg{subject: s.subj.device(it.Device), data: it.Data, ts: ts})
 	}
 	if b.Key == "" {
-		seqs, err := s.publish(ctx, msgs, when)
+		var seqs []uint64
+		if len(msgs) == 1 {
+			// A plain publish: cheaper for the server than an atomic
+			// batch, and pipelined with every other on the connection.
+			seqs, err = s.publish(ctx, msgs)
+		} else if seqs, err = s.groups.submit(ctx, msgs, ""); errors.Is(err, errRetryAlone) {
+			seqs, err = s.publish(ctx, msgs)
+		}
 		if err != nil {
 			return mailbox.Result{}, wrapErr(err)
 		}
@@ -261,30 +274,31 @@ func (s *Store) Append(ctx context.Context, b mailbox.Batch) (mailbox.Result, er
 	}
 
 	keySubj := s.subj.key(b.Key)
-	msgs = append(msgs, outMsg{subject: keySubj, data: b.Receipt, expNone: true})
+	msgs = append(msgs, outMsg{subject: keySubj, data: b.Receipt, ts: ts, expNone: true})
+	// First try: straight to the server, in a group commit with the other
+	// appends waiting (see the package doc, Group commit). The key message
+	// makes the server refuse the batch if the key exists, so no lookup is
+	// needed before it.
+	seqs, err := s.groups.submit(ctx, msgs, keySubj)
+	switch {
+	case err == nil:
+		return mailbox.Result{Seqs: seqs[:len(b.Items)], Receipt: b.Receipt}, nil
+	case errors.Is(err, errRetryAlone), isAPIErr(err, errCodeWrongLastSeq, errCodeWrongLastSeqConstant):
+		// The key exists (or is in flight), or the group it was in was
+		// refused: look the key up through the leader and retry alone.
+	default:
+		return mailbox.Result{}, wrapErr(err)
+	}
 	for attempt := 0; ; attempt++ {
-		// The first look may be answered by a follower a little behind;
-		// after a conflict ask the leader, which has every committed key.
-		var (
-			m     storedMsg
-			found bool
-		)
-		if attempt == 0 {
-			var ms []storedMsg
-			ms, _, err = s.mux.directGet(ctx, s.name, directGetRequest{NextFor: keySubj, Seq: 1})
-			if found = len(ms) > 0; found {
-				m = ms[0]
-			}
-		} else {
-			m, found, err = s.mux.leaderGet(ctx, s.name, directGetRequest{LastFor: keySubj})
-		}
+		// The leader has every committed key.
+		m, found, err := s.mux.leaderGet(ctx, s.name, directGetRequest{LastFor: keySubj})
 		if err != nil {
 			return mailbox.Result{}, wrapErr(err)
 		}
 		if found {
 			return mailbox.Result{Duplicate: true, Receipt: m.data}, nil
 		}
-		seqs, err := s.publish(ctx, msgs, when)
+		seqs, err := s.publish(ctx, msgs)
 		switch {
 		case err == nil:
 			return mailbox.Result{Seqs: seqs[:len(b.Items)], Receipt: b.Receipt}, nil
@@ -306,10 +320,9 @@ func (s *Store) Append(ctx context.Context, b mailbox.Batch) (mailbox.Result, er
 // publish stores msgs atomically and returns their stream sequences. One
 // message is a plain JetStream publish; more are one atomic batch, whose
 // messages the stream stores under consecutive sequences.
-func (s *Store) publish(ctx context.Context, msgs []outMsg, when time.Time) ([]uint64, error) {
-	ts := encodeTime(when)
+func (s *Store) publish(ctx context.Context, msgs []outMsg) ([]uint64, error) {
 	headers := func(m outMsg) nats.Header {
-		h := nats.Header{hdrTime: []string{ts}}
+		h := nats.Header{hdrTime: []string{m.ts}}
 		if m.expNone {
 			h.Set(hdrExpLastSubj, "0")
 		}
@@ -375,28 +388,56 @@ func (s *Store) Read(ctx context.Context, dev ident.Device, after uint64, limit 
 		return nil, nil
 	}
 	subj := s.subj.device(dev)
+	out, err := s.readDirect(ctx, subj, after, limit)
+	if err != nil {
+		return nil, wrapErr(err)
+	}
+	if !s.replicated || s.opts.StaleReads {
+		return out, nil
+	}
+	// A replica answered: check its answer against the stream leader's
+	// last entry of the device (see the package doc, Reads).
+	last, found, err := s.mux.leaderGet(ctx, s.name, directGetRequest{LastFor: subj})
+	if err != nil {
+		return nil, wrapErr(err)
+	}
+	got, lead := after, uint64(0)
+	if len(out) > 0 {
+		got = out[len(out)-1].Seq
+	}
+	if found {
+		lead = last.seq
+	}
+	switch {
+	case got > lead:
+		// The replica is ahead of the leader (it applied entries the
+		// leader has not yet): keep what the leader has too.
+		for len(out) > 0 && out[len(out)-1].Seq > lead {
+			out = out[:len(out)-1]
+		}
+	case len(out) == limit || got == lead:
+		// Everything up to the leader's last entry (or a full page of it).
+	default:
+		// The replica is behind: the rest from the leader.
+		out, err = s.readLeader(ctx, subj, out, got+1, limit)
+	}
+	if err != nil {
+		return nil, wrapErr(err)
+	}
+	return out, nil
+}
+
+// readDirect reads up to limit entries of subj after after in batched
+// direct gets, answered by any current replica.
+func (s *Store) readDirect(ctx context.Context, subj string, after uint64, limit int) ([]mailbox.Entry, error) {
 	var out []mailbox.Entry
 	next := after + 1
 	for len(out) < limit {
-		var (
-			ms   []storedMsg
-			more bool
-			err  error
-		)
-		if s.replicated && !s.opts.StaleReads {
-			// Through the leader, one message per request: see the
-			// package doc (Reads).
-			var m storedMsg
-			if m, more, err = s.mux.leaderGet(ctx, s.name, directGetRequest{Seq: next, NextFor: subj}); more {
-				ms = []storedMsg{m}
-			}
-		} else {
-			ms, more, err = s.mux.directGet(ctx, s.name, directGetRequest{
-				Seq: next, NextFor: subj, Batch: min(limit-len(out), maxDirectBatch),
-			})
-		}
+		ms, more, err := s.mux.directGet(ctx, s.name, directGetRequest{
+			Seq: next, NextFor: subj, Batch: min(limit-len(out), maxDirectBatch),
+		})
 		if err != nil {
-			return nil, wrapErr(err)
+			return nil, err
 		}
 		for _, m := range ms {
 			if m.subject != subj || m.seq < next {
@@ -408,6 +449,26 @@ func (s *Store) Read(ctx context.Context, dev ident.Device, after uint64, limit 
 		if len(ms) == 0 || !more {
 			break
 		}
+	}
+	return out, nil
+}
+
+// readLeader appends to out the entries of subj from seq next on, up to
+// limit in all, read through the stream leader one message per request.
+func (s *Store) readLeader(ctx context.Context, subj string, out []mailbox.Entry, next uint64, limit int) ([]mailbox.Entry, error) {
+	for len(out) < limit {
+		m, ok, err := s.mux.leaderGet(ctx, s.name, directGetRequest{Seq: next, NextFor: subj})
+		if err != nil {
+			return nil, err
+		}
+		if !ok {
+			break
+		}
+		if m.subject != subj || m.seq < next {
+			return nil, fmt.Errorf("jetstream mailbox: message get for %s from %d answered %s seq %d", subj, next, m.subject, m.seq)
+		}
+		out = append(out, mailbox.Entry{Seq: m.seq, Time: msgTime(m.header), Data: m.data})
+		next = m.seq + 1
 	}
 	return out, nil
 }
@@ -635,3 +696,31 @@ func (s *Store) Close() error {
 	}
 	return nil
 }
+
+// StreamName is the name of the stream holding the mailboxes.
+func (s *Store) StreamName() string { return s.name }
+
+// DeviceSubjects is the subject filter that matches every device's mailbox
+// (and no idempotency key): what the delivery workers' consumer reads.
+func (s *Store) DeviceSubjects() string { return s.subj.devices() }
+
+// DeviceOf returns the device whose mailbox subject is subj, or false if
+// subj is not a device subject of this store.
+func (s *Store) DeviceOf(subj string) (ident.Device, bool) {
+	rest, ok := strings.CutPrefix(subj, s.subj.prefix+".d.")
+	if !ok {
+		return ident.Device{}, false
+	}
+	user, id, ok := strings.Cut(rest, ".")
+	if !ok || !ident.ValidUser(user) {
+		return ident.Device{}, false
+	}
+	n, err := strconv.ParseUint(id, 10, 32)
+	if err != nil || n == 0 {
+		return ident.Device{}, false
+	}
+	return ident.Device{User: user, ID: uint32(n)}, true
+}
+
+// Conn is the NATS connection the store uses (the caller's).
+func (s *Store) Conn() *nats.Conn { return s.nc }

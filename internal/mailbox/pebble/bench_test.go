@@ -154,3 +154,49 @@ func BenchmarkDelete(b *testing.B) {
 	elapsed := time.Since(start).Seconds()
 	b.ReportMetric(float64(b.N)/elapsed, "deletes/s")
 }
+
+// BenchmarkAppendSend measures appends shaped like the server's: one
+// 64-byte entry with an idempotency key (a send) or two entries without
+// (a DELIVERED receipt to two devices), from many concurrent writers, as
+// 100 connected senders make them. One op is one Append.
+//
+//	go test -run '^$' -bench AppendSend -benchtime 20000x -count 6 ./internal/mailbox/pebble/
+func BenchmarkAppendSend(b *testing.B) {
+	small := make([]byte, 64)
+	for _, writers := range []int{1, 16, 100} {
+		b.Run(fmt.Sprintf("writers=%d", writers), func(b *testing.B) {
+			s := benchStore(b)
+			var next atomic.Int64
+			var wg sync.WaitGroup
+			b.ReportAllocs()
+			b.ResetTimer()
+			start := time.Now()
+			for w := range writers {
+				wg.Go(func() {
+					to := ident.Device{User: fmt.Sprintf("r%d", w), ID: 1}
+					back := []mailbox.Item{
+						{Device: ident.Device{User: fmt.Sprintf("s%d", w), ID: 1}, Data: small},
+						{Device: ident.Device{User: fmt.Sprintf("s%d", w), ID: 2}, Data: small},
+					}
+					for {
+						n := next.Add(1)
+						if n > int64(b.N) {
+							return
+						}
+						batch := mailbox.Batch{Key: fmt.Sprint("send/", w, "/", n), Receipt: small[:20], Items: []mailbox.Item{{Device: to, Data: small}}}
+						if n%2 == 0 {
+							batch = mailbox.Batch{Items: back}
+						}
+						if _, err := s.Append(ctx, batch); err != nil {
+							b.Error(err)
+							return
+						}
+					}
+				})
+			}
+			wg.Wait()
+			b.StopTimer()
+			b.ReportMetric(float64(b.N)/time.Since(start).Seconds(), "appends/s")
+		})
+	}
+}

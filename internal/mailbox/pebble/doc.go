@@ -17,16 +17,24 @@
 // # Appends, seqs and visibility
 //
 // An Append is one Pebble batch, committed with Sync: it returns after the
-// WAL holding it has been fsynced. Pebble group-commits: batches that arrive
-// while a sync is in flight are written together and share the next sync,
-// so concurrent appends cost far fewer than one fsync each.
+// WAL holding it has been fsynced. Appends are group-committed twice over:
+// the store's committer (commit.go), one goroutine, takes every batch that
+// is waiting when it is free, copies them into one Pebble batch and commits
+// that with one call (each batch stays atomic: the group is); and Pebble
+// writes the groups that arrive while a sync is in flight together and
+// shares the next sync among them, while a second goroutine, the syncer,
+// waits for each group's sync in order. So concurrent appends cost far
+// fewer than one fsync and one trip through Pebble's commit pipeline each.
+// StartAppend (mailbox.Sequencer) returns once a batch is published and
+// lets the caller wait for its sync later, so that one connection can
+// order several sends one after another without waiting for each fsync.
 //
 // Seqs need care: readers page through a mailbox with "after seq N", so if
 // seq 7 became visible before seq 6, a reader could take 7, move past it,
 // and never see 6. The store holds a per-device append lock from reading
-// the device's high-water seq until Pebble has sequenced and published the
-// batch (DB.ApplyNoSyncWait), and releases it before waiting for the WAL
-// sync (Batch.SyncWait). That is enough because Pebble assigns its internal
+// the device's high-water seq until the committer has had Pebble sequence
+// and publish the batch's group (DB.ApplyNoSyncWait), and releases it
+// before the WAL sync is waited for (Batch.SyncWait, on the syncer). That is enough because Pebble assigns its internal
 // sequence numbers, writes the WAL, and makes batches visible all in one
 // order: a device's batches therefore become visible, reach the WAL, and
 // become durable in seq order, and the high-water key's last write is its
@@ -38,10 +46,15 @@
 // the ordering under concurrency.
 //
 // Pebble makes a synced batch visible before its WAL sync completes (with
-// DB.Apply too). So a Read can return an entry whose Append has not yet
-// returned; if the machine then crashes the entry can be lost although a
-// device may have received it. The sender was never told "accepted" and
-// will resend, so the device sees a duplicate, which clients discard.
+// DB.Apply too). Had Read returned such an entry, a device could be shown
+// a message that a crash then erased; the sender, never told "accepted",
+// resends, the retry is stored under a new server id, and the device shows
+// the message twice with nothing to tell the copies apart (the delivery
+// checker's SIGKILL runs found exactly this). So each append fences the
+// seqs it takes, before its batch can become visible, and lifts the fence
+// once the batch is durable or has failed; Read stops below a device's
+// lowest fence (fence.go). Readers therefore see only durable entries, and
+// a device is notified of new entries only after they are durable anyway.
 //
 // An idempotency key is locked from the duplicate check until the batch
 // is durable, so concurrent duplicates store once and none of them reports
@@ -97,10 +110,10 @@
 //     one Fatalf above, which happens on the committing goroutine after
 //     Pebble released its locks; every other Fatalf logs and exits as
 //     Pebble's default does, since Pebble's state is then half-updated on
-//     one of its own goroutines. Commits run on a helper goroutine that
-//     recovers panics, and the caller stops waiting as soon as the store
-//     has failed, so an append that reaches Pebble's wedged commit mutex
-//     does not hang its caller.
+//     one of its own goroutines. Commits run on the committer goroutine,
+//     which recovers panics, and the caller stops waiting as soon as the
+//     store has failed, so an append that reaches Pebble's wedged commit
+//     mutex does not hang its caller.
 //   - Stops after the first commit failure. Every method then returns an
 //     error wrapping mailbox.ErrUnavailable (and the cause, such as
 //     syscall.ENOSPC or EIO) until the store is reopened, which in practice

@@ -153,35 +153,27 @@ func eventListener(log *slog.Logger) *pebbledb.EventListener {
 	}
 }
 
-// runCommit runs fn, which calls into Pebble's commit pipeline, so that
-// Pebble's fail-stop behaviour (see the package documentation) cannot take
-// the process down or leave the caller blocked forever:
+// runCommit runs fn, which calls into Pebble's commit pipeline, on the
+// committer (commit.go), so that Pebble's fail-stop behaviour (see the
+// package documentation) cannot take the process down or leave the caller
+// blocked forever:
 //
-//   - fn runs on its own goroutine. After a WAL failure a later commit can
-//     block forever on Pebble's commit mutex; the caller stops waiting as
-//     soon as the store has failed.
+//   - fn runs on the committer goroutine, not the caller's. After a WAL
+//     failure a later commit can block forever on Pebble's commit mutex;
+//     the caller stops waiting as soon as the store has failed.
 //   - A panic out of fn is recovered and turns the store into the failed
 //     state. That is safe because from then on nothing reaches Pebble's
 //     commit pipeline again and reads are refused too, so the caller's
 //     "unavailable" cannot be contradicted by anything the store shows.
+//
+// Batches go through the same path (commitGroup), grouped.
 func (s *Store) runCommit(fn func() error) error {
 	if err := s.failure(); err != nil {
 		return err
 	}
-	s.commits.Add(1)
-	done := make(chan error, 1)
-	go func() {
-		err := s.protect(fn)
-		// Before the send: once the caller has its answer, Close may look.
-		s.commits.Add(-1)
-		done <- err
-	}()
-	select {
-	case err := <-done:
-		return err
-	case <-s.failed:
-		return s.failure()
-	}
+	r := newCommitReq(nil, false)
+	r.fn = fn
+	return s.commit(r)
 }
 
 func (s *Store) protect(fn func() error) (err error) {

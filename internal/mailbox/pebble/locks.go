@@ -52,7 +52,10 @@ func (t *lockTable) ref(name string) *lock {
 	sh.mu.Lock()
 	l := sh.m[name]
 	if l == nil {
-		l = &lock{name: name, ch: make(chan struct{}, 1)}
+		if l, _ = lockPool.Get().(*lock); l == nil {
+			l = &lock{ch: make(chan struct{}, 1)}
+		}
+		l.name = name
 		sh.m[name] = l
 	}
 	l.refs++
@@ -64,11 +67,22 @@ func (t *lockTable) unref(l *lock) {
 	sh := t.shard(l.name)
 	sh.mu.Lock()
 	l.refs--
-	if l.refs == 0 {
+	free := l.refs == 0
+	if free {
 		delete(sh.m, l.name)
 	}
 	sh.mu.Unlock()
+	if free {
+		// Nobody holds or waits for it, and its channel is empty (the last
+		// holder took its token back before unref).
+		*l = lock{ch: l.ch}
+		lockPool.Put(l)
+	}
 }
+
+// lockPool recycles lock entries (and their channels), which the table
+// creates and drops for nearly every append.
+var lockPool sync.Pool
 
 // acquire takes the lock called name. It gives up when ctx is done (returning
 // ctx's error) or when abort is closed (returning errAborted).

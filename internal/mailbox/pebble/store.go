@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"math"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -65,7 +66,9 @@ type Store struct {
 	db    *pebbledb.DB
 	log   *slog.Logger
 	locks *lockTable
-	space *spaceGuard // nil when the free-space check is off
+	// fences keeps readers off entries not yet durable (fence.go).
+	fences *fenceTable
+	space  *spaceGuard // nil when the free-space check is off
 	// minFree is the reserve for appends; deletes use half of it.
 	minFree uint64
 	depth   atomic.Int64
@@ -90,11 +93,18 @@ type Store struct {
 	// DB.Close could block forever.
 	commits      atomic.Int64
 	pebbleWedged atomic.Bool
+
+	// The committer (commit.go): queue feeds it, syncs carries committed
+	// groups to the syncer, and stopped is closed when both have ended.
+	queue   commitQueue
+	syncs   chan syncGroup
+	stopped chan struct{}
 }
 
 var (
-	_ mailbox.Store   = (*Store)(nil)
-	_ mailbox.Depther = (*Store)(nil)
+	_ mailbox.Store     = (*Store)(nil)
+	_ mailbox.Depther   = (*Store)(nil)
+	_ mailbox.Sequencer = (*Store)(nil)
 )
 
 // Open opens the store in dir, creating it if needed.
@@ -123,11 +133,17 @@ func Open(dir string, opts Options) (*Store, error) {
 		db:     db,
 		log:    log,
 		locks:  newLockTable(),
+		fences: newFenceTable(),
 		failed: make(chan struct{}),
 	}
 	if err := s.init(dir, opts); err != nil {
 		return nil, errors.Join(err, db.Close())
 	}
+	s.queue.init()
+	s.syncs = make(chan syncGroup, 64)
+	s.stopped = make(chan struct{})
+	go s.committer()
+	go s.syncer()
 	return s, nil
 }
 
@@ -243,153 +259,245 @@ func (s *Store) lockErr(err error) error {
 	return err
 }
 
-// Append implements mailbox.Store.
+// Append implements mailbox.Store: StartAppend, then waiting for the
+// batch to be durable. Once the batch is queued ctx is no longer
+// consulted, since a commit cannot be called back.
+func (s *Store) Append(ctx context.Context, b mailbox.Batch) (mailbox.Result, error) {
+	p, err := s.startAppend(ctx, b)
+	if err != nil {
+		return mailbox.Result{}, err
+	}
+	return p.Wait(context.WithoutCancel(ctx))
+}
+
+// StartAppend implements mailbox.Sequencer: it returns once the batch is
+// published (its seqs assigned and visible to readers, after every batch
+// published before), and the returned Pending reports when it is durable.
+// The batch is committed whether or not Wait is called.
 //
 // Seqs are allocated while holding the append lock of every device in the
-// batch, and the lock is kept until Pebble has sequenced and published the
-// batch (DB.ApplyNoSyncWait), but not while the WAL is synced
-// (Batch.SyncWait). See the package documentation for why that is enough.
-func (s *Store) Append(ctx context.Context, b mailbox.Batch) (mailbox.Result, error) {
+// batch, and the lock is kept until the committer has published the batch
+// (commit.go), but not while the WAL is synced. See the package
+// documentation for why that is enough.
+func (s *Store) StartAppend(ctx context.Context, b mailbox.Batch) (mailbox.Pending, error) {
+	p, err := s.startAppend(ctx, b)
+	if err != nil {
+		return nil, err
+	}
+	return p, nil
+}
+
+// pending is an append that has been published.
+type pending struct {
+	s    *Store
+	req  *commitReq // nil: already done (a duplicate, an empty batch)
+	res  mailbox.Result
+	size int
+}
+
+// Wait implements mailbox.Pending.
+func (p *pending) Wait(ctx context.Context) (mailbox.Result, error) {
+	if p.req == nil {
+		return p.res, nil
+	}
+	select {
+	case <-p.req.done:
+		if p.req.err != nil {
+			return mailbox.Result{}, p.req.err
+		}
+		return p.res, nil
+	case <-p.s.failed:
+		return mailbox.Result{}, p.s.failure()
+	case <-ctx.Done():
+		return mailbox.Result{}, ctx.Err()
+	}
+}
+
+func (s *Store) startAppend(ctx context.Context, b mailbox.Batch) (*pending, error) {
 	if err := s.enter(); err != nil {
-		return mailbox.Result{}, err
+		return nil, err
 	}
 	defer s.mu.RUnlock()
 	if err := ctx.Err(); err != nil {
-		return mailbox.Result{}, err
+		return nil, err
 	}
 	if len(b.Items) == 0 && b.Key == "" {
-		return mailbox.Result{Seqs: []uint64{}}, nil
+		return &pending{res: mailbox.Result{Seqs: []uint64{}}}, nil
 	}
-	devIDs := make([][]byte, len(b.Items))
+	// The append lock of a device is named by its deviceID, which is also
+	// what its keys hold: names[i][1:] is item i's deviceID.
+	names := make([]string, len(b.Items))
 	size := len(b.Key) + len(b.Receipt) + 32
 	for i, it := range b.Items {
-		id, err := deviceID(it.Device)
+		name, err := appendLockName(it.Device)
 		if err != nil {
-			return mailbox.Result{}, err
+			return nil, err
 		}
-		devIDs[i] = id
-		size += 2*len(id) + len(it.Data) + 48
+		names[i] = name
+		size += 2*len(name) + len(it.Data) + 48
 	}
 	when := b.Time
 	if when.IsZero() {
 		when = time.Now()
 	}
 
+	r := &commitReq{sync: true, isAppend: true, published: make(chan struct{}), done: make(chan struct{})}
+	queued := false
+	defer func() {
+		if !queued {
+			r.releaseLocks(s)
+			r.unfence(s)
+		}
+	}()
+	// The key lock, if any, is held until the batch is durable: a
+	// concurrent duplicate must not report "accepted" for a batch whose WAL
+	// sync might still fail.
 	if b.Key != "" {
 		kl, err := s.locks.acquire(ctx, lockKeyPrefix+b.Key, s.failed)
 		if err != nil {
-			return mailbox.Result{}, s.lockErr(err)
+			return nil, s.lockErr(err)
 		}
-		// Held until the batch is durable: a concurrent duplicate must not
-		// report "accepted" for a batch whose WAL sync might still fail.
-		defer s.locks.release(kl)
+		r.keyLock = kl
 		receipt, found, err := s.lookupKey(b.Key)
 		if err != nil {
-			return mailbox.Result{}, err
+			return nil, err
 		}
 		if found {
-			return mailbox.Result{Duplicate: true, Receipt: receipt}, nil
+			return &pending{res: mailbox.Result{Duplicate: true, Receipt: receipt}}, nil
 		}
 	}
 
 	// Checked after the duplicate lookup: a retried send is answered even
 	// when the disk is full, since answering it writes nothing.
 	if err := s.space.check(s.minFree, uint64(size)); err != nil {
-		return mailbox.Result{}, err
-	}
-	names := make([]string, len(devIDs))
-	for i, id := range devIDs {
-		names[i] = lockAppendPrefix + string(id)
+		return nil, err
 	}
 	held, err := s.locks.acquireAll(ctx, names, s.failed)
 	if err != nil {
-		return mailbox.Result{}, s.lockErr(err)
+		return nil, s.lockErr(err)
 	}
-	// Released by the commit goroutine as soon as the batch is published;
-	// this covers the paths that never get there.
-	var releaseOnce sync.Once
-	releaseDevices := func() { releaseOnce.Do(func() { s.locks.releaseAll(held) }) }
-	defer releaseDevices()
+	// Released by the committer as soon as the batch is published (see
+	// published), or by the deferred releaseLocks on the paths that never
+	// get there.
+	r.held = held
 
 	// Another append may have failed the store while we waited; Pebble's
 	// commit pipeline must not be entered again then (see guard.go).
 	if err := s.failure(); err != nil {
-		return mailbox.Result{}, err
+		return nil, err
 	}
-	byName := make(map[string]*lock, len(held))
-	for _, l := range held {
+	r.highs = make([]uint64, len(held))
+	for i, l := range held {
 		if !l.highKnown {
-			h, err := s.readHigh([]byte(l.name[len(lockAppendPrefix):]))
+			h, err := s.readHigh(l.name[len(lockAppendPrefix):])
 			if err != nil {
-				return mailbox.Result{}, err
+				return nil, err
 			}
 			l.high, l.highKnown = h, true
 		}
-		byName[l.name] = l
+		r.highs[i] = l.high
 	}
-	next := make(map[*lock]uint64, len(held))
-	for _, l := range held {
-		next[l] = l.high
+	// Fence the seqs this batch will take, before it can become visible;
+	// the fences are lifted when it completes (or never gets queued).
+	r.fenced = make([]uint64, len(held))
+	r.fencedIDs = make([]string, len(held))
+	for i, l := range held {
+		r.fenced[i] = l.high + 1
+		r.fencedIDs[i] = l.name[len(lockAppendPrefix):]
+		s.fences.add(r.fencedIDs[i], r.fenced[i])
 	}
 	seqs := make([]uint64, len(b.Items))
 	batch := s.db.NewBatch()
+	nanos := uint64(when.UnixNano())
 	for i, it := range b.Items {
-		l := byName[names[i]]
-		next[l]++
-		seqs[i] = next[l]
-		if err := batch.Set(entryKey(devIDs[i], seqs[i]), timedValue(when, it.Data), nil); err != nil {
+		// held is sorted by name, without duplicates.
+		h, _ := slices.BinarySearchFunc(held, names[i], func(l *lock, name string) int { return strings.Compare(l.name, name) })
+		r.highs[h]++
+		seqs[i] = r.highs[h]
+		devID := names[i][len(lockAppendPrefix):]
+		op := batch.SetDeferred(1+len(devID)+8, 8+len(it.Data))
+		k := append(op.Key[:0], tagEntry)
+		k = append(k, devID...)
+		binary.BigEndian.AppendUint64(k, seqs[i])
+		binary.BigEndian.PutUint64(op.Value, nanos)
+		copy(op.Value[8:], it.Data)
+		if err := op.Finish(); err != nil {
 			batch.Close()
-			return mailbox.Result{}, err
+			return nil, err
 		}
 	}
-	for l, high := range next {
+	for i, l := range held {
 		// Never reuse a seq: the high-water mark survives deleting every
 		// entry, and it is written in the same atomic batch as the entries.
-		v := binary.BigEndian.AppendUint64(nil, high)
-		if err := batch.Set(highKey([]byte(l.name[len(lockAppendPrefix):])), v, nil); err != nil {
+		devID := l.name[len(lockAppendPrefix):]
+		op := batch.SetDeferred(1+len(devID), 8)
+		op.Key[0] = tagHigh
+		copy(op.Key[1:], devID)
+		binary.BigEndian.PutUint64(op.Value, r.highs[i])
+		if err := op.Finish(); err != nil {
 			batch.Close()
-			return mailbox.Result{}, err
+			return nil, err
 		}
 	}
 	if b.Key != "" {
-		if err := batch.Set(idemKey(b.Key), timedValue(when, b.Receipt), nil); err != nil {
+		op := batch.SetDeferred(1+len(b.Key), 8+len(b.Receipt))
+		op.Key[0] = tagKey
+		copy(op.Key[1:], b.Key)
+		binary.BigEndian.PutUint64(op.Value, nanos)
+		copy(op.Value[8:], b.Receipt)
+		if err := op.Finish(); err != nil {
 			batch.Close()
-			return mailbox.Result{}, err
+			return nil, err
 		}
 	}
 	if err := ctx.Err(); err != nil {
 		batch.Close()
-		return mailbox.Result{}, err
+		return nil, err
 	}
-	size = batch.Len()
 
-	// From here on the batch is Pebble's: ctx is no longer consulted, since
-	// a commit cannot be called back.
-	err = s.runCommit(func() error {
-		defer batch.Close()
-		if err := s.db.ApplyNoSyncWait(batch, pebbledb.Sync); err != nil {
-			return err
-		}
-		// Published: visible to readers, in seq order with every earlier
-		// batch for the same devices. Later appends may go ahead.
-		for l, high := range next {
-			l.high = high
-		}
-		s.depth.Add(int64(len(b.Items)))
-		releaseDevices()
-		return batch.SyncWait()
-	})
-	if err != nil {
-		return mailbox.Result{}, err
+	// From here on the batch is the committer's.
+	r.batch = batch
+	r.items = len(b.Items)
+	r.size = batch.Len()
+	if !s.queue.push(r) {
+		batch.Close()
+		return nil, s.closedErr()
 	}
-	s.space.wrote(size)
-	return mailbox.Result{Seqs: seqs, Receipt: b.Receipt}, nil
+	queued = true
+	select {
+	case <-r.published:
+	case <-s.failed:
+		return nil, s.failure()
+	}
+	if r.pubErr != nil {
+		return nil, r.pubErr
+	}
+	return &pending{s: s, req: r, res: mailbox.Result{Seqs: seqs, Receipt: b.Receipt}}, nil
+}
+
+// appendLockName is the name of dev's append lock: the prefix, then dev's
+// deviceID.
+func appendLockName(dev ident.Device) (string, error) {
+	if len(dev.User) == 0 || len(dev.User) > maxUserBytes {
+		return "", fmt.Errorf("%w: %q", errBadDevice, dev.User)
+	}
+	var b strings.Builder
+	b.Grow(len(lockAppendPrefix) + 1 + len(dev.User) + 4)
+	b.WriteString(lockAppendPrefix)
+	b.WriteByte(byte(len(dev.User)))
+	b.WriteString(dev.User)
+	var id [4]byte
+	binary.BigEndian.PutUint32(id[:], dev.ID)
+	b.Write(id[:])
+	return b.String(), nil
 }
 
 // readHigh returns the high-water seq of a device (0 if it never had an
 // entry).
-func (s *Store) readHigh(devID []byte) (uint64, error) {
-	v, closer, err := s.db.Get(highKey(devID))
+func (s *Store) readHigh(devID string) (uint64, error) {
+	var buf [1 + 1 + maxUserBytes + 4]byte
+	k := append(append(buf[:0], tagHigh), devID...)
+	v, closer, err := s.db.Get(k)
 	if errors.Is(err, pebbledb.ErrNotFound) {
 		return 0, nil
 	}
@@ -443,12 +551,20 @@ func (s *Store) Read(ctx context.Context, dev ident.Device, after uint64, limit 
 	if err != nil {
 		return nil, fmt.Errorf("mailbox/pebble: %w", err)
 	}
+	// The fence is looked up after the iterator took its view: every entry
+	// in that view that was not durable then was fenced then, and is either
+	// still fenced now or durable by now (fence.go). Looking it up before
+	// would miss an append fenced and published in between.
+	fence := s.fences.limit(string(id))
 	var out []mailbox.Entry
 	for ok := it.First(); ok && len(out) < limit; ok = it.Next() {
 		e, err := decodeEntry(it.Key(), it.Value())
 		if err != nil {
 			it.Close()
 			return nil, err
+		}
+		if fence != 0 && e.Seq >= fence {
+			break
 		}
 		out = append(out, e)
 	}
@@ -532,10 +648,7 @@ func (s *Store) Delete(ctx context.Context, dev ident.Device, seqs []uint64) ([]
 		batch.Close()
 		return nil, nil
 	}
-	if err := s.runCommit(func() error {
-		defer batch.Close()
-		return s.db.Apply(batch, pebbledb.NoSync)
-	}); err != nil {
+	if err := s.commit(newCommitReq(batch, false)); err != nil {
 		return nil, err
 	}
 	s.depth.Add(-int64(len(out)))
@@ -665,10 +778,7 @@ func (s *Store) deleteEntries(ctx context.Context, keys [][]byte) (int, error) {
 		batch.Close()
 		return 0, nil
 	}
-	if err := s.runCommit(func() error {
-		defer batch.Close()
-		return s.db.Apply(batch, pebbledb.NoSync)
-	}); err != nil {
+	if err := s.commit(newCommitReq(batch, false)); err != nil {
 		return 0, err
 	}
 	s.depth.Add(-int64(n))
@@ -683,10 +793,7 @@ func (s *Store) deleteKeys(keys [][]byte) (int, error) {
 			return 0, err
 		}
 	}
-	if err := s.runCommit(func() error {
-		defer batch.Close()
-		return s.db.Apply(batch, pebbledb.NoSync)
-	}); err != nil {
+	if err := s.commit(newCommitReq(batch, false)); err != nil {
 		return 0, err
 	}
 	return len(keys), nil
@@ -709,10 +816,14 @@ func (s *Store) Close() error {
 		return mailbox.ErrClosed
 	}
 	s.closed = true
+	// No operation is in flight (they hold mu), but committed groups may
+	// still be waiting for their sync: the committer and syncer drain them.
+	s.queue.close()
 	failure := s.failure()
 	if failure != nil && (s.pebbleWedged.Load() || s.commits.Load() > 0) {
 		return fmt.Errorf("mailbox/pebble: database left open after a failure, the process must exit: %w", failure)
 	}
+	<-s.stopped
 	err := s.db.Close()
 	if err != nil {
 		err = fmt.Errorf("mailbox/pebble: close: %w", err)

@@ -1,0 +1,328 @@
+package pebble
+
+import (
+	"sync"
+
+	pebbledb "github.com/cockroachdb/pebble/v2"
+
+	"github.com/courier-im/courier/internal/mailbox"
+)
+
+// The committer: every write the store makes goes through one long-lived
+// goroutine, which takes whatever batches are waiting when it is free,
+// copies them into one Pebble batch, and commits that with one call. A
+// second goroutine, the syncer, waits for the WAL syncs of the committed
+// groups in order, so the committer applies the next group while the
+// previous one is being synced.
+//
+// Grouping keeps every batch's atomicity (a group is one Pebble batch, all
+// or nothing), and visibility order is queue order: a batch is published
+// no earlier than every batch queued before it. Appends queue with their
+// device locks held and release them once their group is published (see
+// Append), so a device's batches are published in seq order.
+//
+// Why not let Pebble group commits by itself, as it does for concurrent
+// DB.Apply calls? It does share the fsyncs, but each commit still costs a
+// trip through its commit pipeline, and each caller needed a goroutine of
+// its own (see runCommit's history in guard.go) to survive a wedged commit
+// pipeline. One committer does both jobs for every caller at once.
+
+// maxGroupBytes bounds the bytes copied into one group, so that a group
+// stays well under Pebble's large-batch threshold (half a memtable).
+const maxGroupBytes = 1 << 20
+
+// commitReq is one unit of work for the committer: a batch to commit, or a
+// function to run alone (tests use it to stand in for Pebble).
+type commitReq struct {
+	batch *pebbledb.Batch
+	// sync asks for the WAL to be synced before done is closed.
+	sync bool
+	fn   func() error
+
+	// For appends (see startAppend): the device locks held until the
+	// batch is published and the high-water seqs to record then, the key
+	// lock held until it is durable, the number of entries and the bytes
+	// written.
+	isAppend bool
+	held     []*lock
+	highs    []uint64
+	keyLock  *lock
+	// fenced is, per held lock, the first seq the batch takes for that
+	// device, kept from readers until the batch completes (fence.go).
+	fenced    []uint64
+	fencedIDs []string
+	items     int
+	size      int
+	// published is closed once the batch is published or has failed;
+	// pubErr is set before.
+	published chan struct{}
+	pubErr    error
+	// done is closed once the request is complete: durable if sync, else
+	// published; err is set before.
+	done chan struct{}
+	err  error
+}
+
+func newCommitReq(b *pebbledb.Batch, sync bool) *commitReq {
+	return &commitReq{batch: b, sync: sync, published: make(chan struct{}), done: make(chan struct{})}
+}
+
+func (r *commitReq) complete(s *Store, err error) {
+	select {
+	case <-r.published:
+	default:
+		r.pubErr = err
+		close(r.published)
+	}
+	r.err = err
+	if r.isAppend {
+		r.releaseLocks(s)
+		r.unfence(s)
+		if err == nil {
+			s.space.wrote(r.size)
+		}
+	}
+	close(r.done)
+}
+
+// publishedAppend runs on the committer once an append's batch is
+// published: visible to readers, in seq order with every earlier batch for
+// the same devices. Later appends to its devices may go ahead.
+func (r *commitReq) publishedAppend(s *Store) {
+	for i, l := range r.held {
+		l.high = r.highs[i]
+	}
+	s.depth.Add(int64(r.items))
+	s.locks.releaseAll(r.held)
+	r.held = nil
+}
+
+// unfence lifts the append's read fences. The held locks are gone by
+// then, so the device ids come from the lock names kept in fencedIDs.
+func (r *commitReq) unfence(s *Store) {
+	for i, id := range r.fencedIDs {
+		s.fences.remove(id, r.fenced[i])
+	}
+	r.fenced, r.fencedIDs = nil, nil
+}
+
+// releaseLocks releases whatever locks an append still holds.
+func (r *commitReq) releaseLocks(s *Store) {
+	if r.held != nil {
+		s.locks.releaseAll(r.held)
+		r.held = nil
+	}
+	if r.keyLock != nil {
+		s.locks.release(r.keyLock)
+		r.keyLock = nil
+	}
+}
+
+// commitQueue is the committer's inbox.
+type commitQueue struct {
+	mu     sync.Mutex
+	cond   sync.Cond
+	reqs   []*commitReq
+	closed bool
+}
+
+func (q *commitQueue) init() { q.cond.L = &q.mu }
+
+// push queues r; it reports false once the queue is closed.
+func (q *commitQueue) push(r *commitReq) bool {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	if q.closed {
+		return false
+	}
+	q.reqs = append(q.reqs, r)
+	if len(q.reqs) == 1 {
+		q.cond.Signal()
+	}
+	return true
+}
+
+// take waits for requests and returns all that are queued, or nil once the
+// queue is closed and empty. spare is reused for the next take.
+func (q *commitQueue) take(spare []*commitReq) []*commitReq {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	for len(q.reqs) == 0 && !q.closed {
+		q.cond.Wait()
+	}
+	reqs := q.reqs
+	q.reqs = spare[:0]
+	return reqs
+}
+
+func (q *commitQueue) close() {
+	q.mu.Lock()
+	q.closed = true
+	q.cond.Broadcast()
+	q.mu.Unlock()
+}
+
+// syncGroup is a committed group whose WAL sync the syncer waits for.
+type syncGroup struct {
+	batch *pebbledb.Batch
+	reqs  []*commitReq
+}
+
+// commit queues r and waits until it is done or the store fails.
+func (s *Store) commit(r *commitReq) error {
+	if !s.queue.push(r) {
+		return s.closedErr()
+	}
+	select {
+	case <-r.done:
+		return r.err
+	case <-s.failed:
+		return s.failure()
+	}
+}
+
+// closedErr is what a request gets when the queue is already closed: the
+// store failed or is closing (in which case no operation is in flight, see
+// Close).
+func (s *Store) closedErr() error {
+	if err := s.failure(); err != nil {
+		return err
+	}
+	return mailbox.ErrClosed
+}
+
+// committer runs until the queue is closed and drained.
+func (s *Store) committer() {
+	defer close(s.syncs)
+	var spare []*commitReq
+	for {
+		reqs := s.queue.take(spare)
+		if len(reqs) == 0 {
+			return
+		}
+		for len(reqs) > 0 {
+			n, bytes := 1, len(reqs[0].batchRepr())
+			if reqs[0].fn == nil {
+				for n < len(reqs) && reqs[n].fn == nil && bytes+len(reqs[n].batchRepr()) <= maxGroupBytes {
+					bytes += len(reqs[n].batchRepr())
+					n++
+				}
+			}
+			s.commitGroup(reqs[:n])
+			reqs = reqs[n:]
+		}
+		spare = reqs[:0]
+	}
+}
+
+func (r *commitReq) batchRepr() []byte {
+	if r.batch == nil {
+		return nil
+	}
+	return r.batch.Repr()
+}
+
+// enterPebble counts a goroutine into Pebble's commit pipeline, unless the
+// store has failed (then nothing may enter it again; see guard.go).
+func (s *Store) enterPebble() error {
+	s.commits.Add(1)
+	if err := s.failure(); err != nil {
+		s.commits.Add(-1)
+		return err
+	}
+	return nil
+}
+
+func (s *Store) commitGroup(group []*commitReq) {
+	fail := func(err error) {
+		for _, r := range group {
+			if r.batch != nil {
+				r.batch.Close()
+			}
+			r.complete(s, err)
+		}
+	}
+	if err := s.enterPebble(); err != nil {
+		fail(err)
+		return
+	}
+	if r := group[0]; r.fn != nil {
+		err := s.protect(r.fn)
+		s.commits.Add(-1)
+		r.complete(s, err)
+		return
+	}
+	b := group[0].batch
+	sync := group[0].sync
+	if len(group) > 1 {
+		b = s.db.NewBatch()
+		for _, r := range group {
+			sync = sync || r.sync
+			if err := b.Apply(r.batch, nil); err != nil {
+				s.commits.Add(-1)
+				b.Close()
+				fail(err)
+				return
+			}
+			r.batch.Close()
+			r.batch = nil
+		}
+	}
+	err := s.protect(func() error {
+		if sync {
+			return s.db.ApplyNoSyncWait(b, pebbledb.Sync)
+		}
+		return s.db.Apply(b, pebbledb.NoSync)
+	})
+	s.commits.Add(-1)
+	if err != nil {
+		b.Close()
+		for _, r := range group {
+			r.batch = nil
+		}
+		fail(err)
+		return
+	}
+	for _, r := range group {
+		r.batch = nil
+		if r.isAppend {
+			r.publishedAppend(s)
+		}
+		close(r.published)
+	}
+	if !sync {
+		b.Close()
+		for _, r := range group {
+			r.complete(s, nil)
+		}
+		return
+	}
+	waiting := make([]*commitReq, 0, len(group))
+	for _, r := range group {
+		if r.sync {
+			waiting = append(waiting, r)
+		} else {
+			r.complete(s, nil)
+		}
+	}
+	s.syncs <- syncGroup{batch: b, reqs: waiting}
+}
+
+// syncer waits for the WAL sync of each committed group, in commit order.
+func (s *Store) syncer() {
+	for g := range s.syncs {
+		// Once the store has failed nothing enters Pebble again, and a batch
+		// whose sync was not waited for is not closed (Pebble may still
+		// hold it).
+		err := s.enterPebble()
+		if err == nil {
+			err = s.protect(g.batch.SyncWait)
+			s.commits.Add(-1)
+			g.batch.Close()
+		}
+		for _, r := range g.reqs {
+			r.complete(s, err)
+		}
+	}
+	close(s.stopped)
+}

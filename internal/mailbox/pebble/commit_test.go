@@ -1,0 +1,133 @@
+package pebble
+
+import (
+	"errors"
+	"fmt"
+	"slices"
+	"sync"
+	"testing"
+
+	"github.com/cockroachdb/pebble/v2/vfs"
+
+	"github.com/courier-im/courier/internal/ident"
+	"github.com/courier-im/courier/internal/mailbox"
+)
+
+// Batches started one after another, without waiting for each to be
+// durable, get their seqs in the order they were started, for every
+// device, and all become durable; a duplicate of a batch still in flight
+// waits for it and reports it.
+func TestStartAppendOrder(t *testing.T) {
+	s := mustOpen(t, "db", Options{FS: vfs.NewMem()})
+	defer s.Close()
+	a, b := ident.Device{User: "alice", ID: 1}, ident.Device{User: "bob", ID: 1}
+	// Other writers to the same devices, so that groups mix batches.
+	var wg sync.WaitGroup
+	stop := make(chan struct{})
+	for w := range 4 {
+		wg.Go(func() {
+			for i := 0; ; i++ {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				if _, err := s.Append(ctx, mailbox.Batch{Items: []mailbox.Item{item(a, fmt.Sprint("other", w, "-", i)), item(b, "other")}}); err != nil {
+					t.Error(err)
+					return
+				}
+			}
+		})
+	}
+	const n = 200
+	var pending []mailbox.Pending
+	for i := range n {
+		batch := mailbox.Batch{Items: []mailbox.Item{item(a, fmt.Sprint("mine", i)), item(b, fmt.Sprint("mine", i))}}
+		if i%3 == 0 {
+			batch.Key = fmt.Sprint("key-", i)
+			batch.Receipt = []byte(fmt.Sprint("receipt-", i))
+		}
+		p, err := s.StartAppend(ctx, batch)
+		if err != nil {
+			t.Fatal(err)
+		}
+		pending = append(pending, p)
+	}
+	// A duplicate of the last keyed batch, which may still be in flight.
+	dup, err := s.StartAppend(ctx, mailbox.Batch{Key: "key-198", Items: []mailbox.Item{item(a, "dup")}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var last [2]uint64
+	for i, p := range pending {
+		res, err := p.Wait(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if res.Duplicate || len(res.Seqs) != 2 {
+			t.Fatalf("batch %d: %+v", i, res)
+		}
+		for j, seq := range res.Seqs {
+			if seq <= last[j] {
+				t.Fatalf("batch %d got seq %d on device %d after %d: not in start order", i, seq, j, last[j])
+			}
+			last[j] = seq
+		}
+		if again, err := p.Wait(ctx); err != nil || !slices.Equal(again.Seqs, res.Seqs) {
+			t.Fatalf("second Wait: %+v, %v", again, err)
+		}
+	}
+	if res, err := dup.Wait(ctx); err != nil || !res.Duplicate || string(res.Receipt) != "receipt-198" {
+		t.Fatalf("duplicate of an in-flight batch: %+v, %v", res, err)
+	}
+	close(stop)
+	wg.Wait()
+	// Read order is seq order, so "mine" entries read back in start order.
+	for _, d := range []ident.Device{a, b} {
+		es, err := s.Read(ctx, d, 0, 1<<20)
+		if err != nil {
+			t.Fatal(err)
+		}
+		next := 0
+		for _, e := range es {
+			if string(e.Data) == fmt.Sprint("mine", next) {
+				next++
+			}
+		}
+		if next != n {
+			t.Fatalf("%v: found %d of the %d started batches in order", d, next, n)
+		}
+	}
+}
+
+// Close waits for batches that were started and not yet waited for: they
+// are durable after Close, and Wait still reports them.
+func TestCloseDrainsStartedAppends(t *testing.T) {
+	mem := vfs.NewCrashableMem()
+	s := mustOpen(t, "db", Options{FS: mem})
+	d := ident.Device{User: "alice", ID: 1}
+	var pending []mailbox.Pending
+	for i := range 50 {
+		p, err := s.StartAppend(ctx, mailbox.Batch{Items: []mailbox.Item{item(d, fmt.Sprint(i))}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		pending = append(pending, p)
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range pending {
+		if _, err := p.Wait(ctx); err != nil {
+			t.Fatalf("Wait after Close: %v", err)
+		}
+	}
+	if _, err := s.StartAppend(ctx, mailbox.Batch{Items: []mailbox.Item{item(d, "late")}}); !errors.Is(err, mailbox.ErrClosed) {
+		t.Fatalf("StartAppend after Close: %v", err)
+	}
+	s = mustOpen(t, "db", Options{FS: mem.CrashClone(vfs.CrashCloneCfg{})})
+	defer s.Close()
+	if got := readAll(t, s, d); len(got) != 50 {
+		t.Fatalf("after a crash following Close: %d entries, want 50", len(got))
+	}
+}
