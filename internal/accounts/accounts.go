@@ -1,6 +1,7 @@
-// Package accounts defines the account store: users, their devices and the
-// devices' credentials. Backends live in sub-packages (sqlite for a single
-// node) and must pass the accountstest conformance suite.
+// Package accounts defines the account store: users, their devices, the
+// devices' credentials and their public Signal-protocol keys (KeyStore).
+// Backends live in sub-packages (sqlite for a single node, postgres for a
+// cluster) and must pass the accountstest conformance suite.
 package accounts
 
 import (

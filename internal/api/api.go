@@ -1,10 +1,11 @@
-// Package api is courier's stateless HTTP API: registration, device lists,
-// sending (202 Accepted once durable), read reports and health. Errors are
-// JSON with stable codes (package apierr; the table is in
-// docs/protocol.md).
+// Package api is courier's stateless HTTP API: registration, device lists
+// and linking, prekeys (package keys), sending (202 Accepted once durable),
+// read reports and health. Errors are JSON with stable codes (package
+// apierr; the table is in docs/protocol.md).
 package api
 
 import (
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -20,6 +21,7 @@ import (
 	"github.com/courier-im/courier/internal/auth"
 	"github.com/courier-im/courier/internal/delivery"
 	"github.com/courier-im/courier/internal/ident"
+	"github.com/courier-im/courier/internal/keys"
 	pb "github.com/courier-im/courier/proto/courier/v1"
 )
 
@@ -28,9 +30,15 @@ type Config struct {
 	Accounts accounts.Store
 	Delivery *delivery.Service
 	Auth     *auth.Authenticator
-	Logger   *slog.Logger
+	// Keys serves the prekey endpoints (/v1/keys); nil leaves them out,
+	// and device lists then show every identity_key as null.
+	Keys   *keys.Service
+	Logger *slog.Logger
 	// Draining reports whether the server is shutting down.
 	Draining func() bool
+	// Ready reports whether the backends can be reached (GET /v1/ready);
+	// nil means they can.
+	Ready func(context.Context) error
 	// BodyTimeout bounds how long a client may take to send a request
 	// body, so that a body trickled a byte at a time cannot hold a handler
 	// (and its goroutine and buffers) for ever. Zero means
@@ -69,7 +77,21 @@ func (a *API) Register(mux *http.ServeMux) {
 	mux.HandleFunc("GET /v1/users/{name}/devices", a.authed(a.devices))
 	mux.HandleFunc("POST /v1/messages", a.authed(a.send))
 	mux.HandleFunc("POST /v1/receipts", a.authed(a.read))
+	mux.HandleFunc("POST /v1/devices", a.authed(a.addDevice))
+	mux.HandleFunc("DELETE /v1/devices/{id}", a.authed(a.removeDevice))
+	if a.cfg.Keys != nil {
+		mux.HandleFunc("PUT /v1/keys", a.authed(a.putKeys))
+		mux.HandleFunc("GET /v1/keys", a.authed(a.getKeys))
+		mux.HandleFunc("GET /v1/keys/{user}", a.authed(a.fetchKeys))
+	}
+	a.RegisterHealth(mux)
+}
+
+// RegisterHealth adds only GET /v1/health and GET /v1/ready to mux: what a
+// node without the api role serves besides its own routes.
+func (a *API) RegisterHealth(mux *http.ServeMux) {
 	mux.HandleFunc("GET /v1/health", a.health)
+	mux.HandleFunc("GET /v1/ready", a.ready)
 }
 
 func writeJSON(w http.ResponseWriter, status int, v any) {
@@ -177,9 +199,10 @@ func (a *API) createAccount(w http.ResponseWriter, r *http.Request) {
 }
 
 type deviceJSON struct {
-	ID      uint32    `json:"id"`
-	Name    string    `json:"name,omitempty"`
-	Created time.Time `json:"created"`
+	ID          uint32    `json:"id"`
+	Name        string    `json:"name,omitempty"`
+	Created     time.Time `json:"created"`
+	IdentityKey []byte    `json:"identity_key"` // base64; null until the device uploads keys
 }
 
 type devicesResponse struct {
@@ -203,9 +226,15 @@ func (a *API) devices(w http.ResponseWriter, r *http.Request, _ ident.Device) {
 		apierr.Write(w, http.StatusServiceUnavailable, apierr.Detail{Code: "storage_unavailable", Message: "cannot list devices right now", RetryAfterMs: 1000})
 		return
 	}
+	idKeys, err := a.identityKeys(r, name)
+	if err != nil {
+		a.cfg.Logger.Error("list devices", "err", err)
+		apierr.Write(w, http.StatusServiceUnavailable, apierr.Detail{Code: "storage_unavailable", Message: "cannot list devices right now", RetryAfterMs: 1000})
+		return
+	}
 	resp := devicesResponse{User: name, Devices: make([]deviceJSON, len(devs))}
 	for i, d := range devs {
-		resp.Devices[i] = deviceJSON{ID: d.ID, Name: d.Name, Created: d.Created.UTC()}
+		resp.Devices[i] = deviceJSON{ID: d.ID, Name: d.Name, Created: d.Created.UTC(), IdentityKey: idKeys[d.ID]}
 	}
 	writeJSON(w, http.StatusOK, resp)
 }
@@ -323,6 +352,30 @@ func (a *API) read(w http.ResponseWriter, r *http.Request, dev ident.Device) {
 		return
 	}
 	writeJSON(w, http.StatusAccepted, struct{}{})
+}
+
+// readyTimeout bounds the backend checks of one readiness probe.
+const readyTimeout = 2 * time.Second
+
+// ready is the readiness probe: 200 while the backends answer and the
+// server is not draining, 503 otherwise (a load balancer then sends new
+// connections elsewhere). Liveness is health.
+func (a *API) ready(w http.ResponseWriter, r *http.Request) {
+	if a.cfg.Draining() {
+		writeJSON(w, http.StatusServiceUnavailable, map[string]string{"status": "shutting_down"})
+		return
+	}
+	if a.cfg.Ready != nil {
+		ctx, cancel := context.WithTimeout(r.Context(), readyTimeout)
+		err := a.cfg.Ready(ctx)
+		cancel()
+		if err != nil {
+			a.cfg.Logger.Warn("not ready", "err", err)
+			writeJSON(w, http.StatusServiceUnavailable, map[string]string{"status": "unavailable", "error": err.Error()})
+			return
+		}
+	}
+	writeJSON(w, http.StatusOK, map[string]string{"status": "ok"})
 }
 
 func (a *API) health(w http.ResponseWriter, r *http.Request) {

@@ -1,5 +1,5 @@
 // Package accountstest is the conformance suite every accounts.Store backend
-// must pass. It tests only the contract written in package accounts (and the
+// must pass, accounts.KeyStore included. It tests only the contract written in package accounts (and the
 // naming rules of package ident), never a backend's internals, so that a
 // SQLite and a PostgreSQL store are held to exactly the same behaviour.
 package accountstest
@@ -45,7 +45,7 @@ func Run(t *testing.T, open func(t *testing.T) accounts.Store) {
 		{"TimestampsUTC", testTimestampsUTC},
 		{"ConcurrentAddDevice", testConcurrentAddDevice},
 	}
-	for _, tc := range tests {
+	for _, tc := range append(tests, keyTests...) {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()
 			s := open(t)

@@ -2,14 +2,17 @@
 // credential hashes in PostgreSQL, shared by every node of a cluster,
 // accessed through a pgx connection pool (github.com/jackc/pgx/v5/pgxpool).
 //
-// Every method is one statement, so one round trip and its own transaction:
+// Every method of accounts.Store is one statement, so one round trip and its
+// own transaction:
 // CreateUser inserts the user and its primary device in one statement
 // (INSERT ... ON CONFLICT DO NOTHING in a data-modifying CTE, so a taken name
 // is "no row" rather than an error, also when several nodes race for it), and
 // AddDevice takes the next id by updating the user's counter row and inserts
 // the device in the same statement, so the row lock serialises concurrent
 // AddDevice calls for that user, on any node, and ids are never handed out
-// twice or reused. Nothing is cached in the process.
+// twice or reused. The methods of accounts.KeyStore that write are short
+// transactions that lock the device's key row first (see keys.go). Nothing
+// is cached in the process.
 //
 // Timestamps are timestamptz truncated to the millisecond and returned in
 // UTC. The times the store assigns itself (creation, removal) come from the
@@ -244,15 +247,28 @@ func (s *Store) AddDevice(ctx context.Context, user, deviceName string, credHash
 	return accounts.Device{ID: uint32(id), Name: deviceName, Created: created.UTC()}, nil
 }
 
+// removeDevice marks the device removed and, in the same statement, drops
+// its keys (the one-time prekeys go by ON DELETE CASCADE). The UPDATE locks
+// the device row first, as PutKeys does (FOR SHARE), so the two serialise.
+// It returns the number of devices marked removed.
+const removeDevice = `
+WITH r AS (
+	UPDATE devices SET removed = ` + nowMs + `
+	WHERE user_name = $1 AND id = $2 AND removed IS NULL
+	RETURNING user_name, id
+), gone AS (
+	DELETE FROM device_keys k USING r WHERE k.user_name = r.user_name AND k.device = r.id
+)
+SELECT count(*) FROM r`
+
 // RemoveDevice implements accounts.Store. The row is kept, marked removed,
-// so its id stays taken.
+// so its id stays taken; the device's keys are dropped.
 func (s *Store) RemoveDevice(ctx context.Context, dev ident.Device) error {
 	err := accounts.ErrNotFound
 	if ident.ValidUser(dev.User) {
-		var tag pgconn.CommandTag
-		tag, err = s.pool.Exec(ctx, `UPDATE devices SET removed = `+nowMs+`
-			WHERE user_name = $1 AND id = $2 AND removed IS NULL`, dev.User, int64(dev.ID))
-		if err == nil && tag.RowsAffected() == 0 {
+		var n int64
+		err = s.pool.QueryRow(ctx, removeDevice, dev.User, int64(dev.ID)).Scan(&n)
+		if err == nil && n == 0 {
 			err = accounts.ErrNotFound
 		}
 	}

@@ -366,7 +366,7 @@ func TestSearchPath(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if got, want := strings.Join(tables, ","), "devices,schema_migrations,users"; got != want {
+	if got, want := strings.Join(tables, ","), "device_keys,devices,one_time_prekeys,schema_migrations,users"; got != want {
 		t.Errorf("tables in %s = %s, want %s", schema, got, want)
 	}
 }
@@ -777,4 +777,10 @@ func BenchmarkDevices(b *testing.B) {
 			}
 		})
 	})
+}
+
+// BenchmarkTakeBundles: see accountstest.BenchTakeBundles.
+func BenchmarkTakeBundles(b *testing.B) {
+	s, _, _ := newStore(b)
+	accountstest.BenchTakeBundles(b, s)
 }

@@ -308,15 +308,25 @@ func (s *Store) AddDevice(ctx context.Context, user, deviceName string, credHash
 }
 
 // RemoveDevice implements accounts.Store. The row is kept, marked removed,
-// so its id stays taken.
+// so its id stays taken; the device's keys are dropped in the same
+// transaction.
 func (s *Store) RemoveDevice(ctx context.Context, dev ident.Device) error {
-	res, err := s.rmDevice.ExecContext(ctx, time.Now().UnixMilli(), dev.User, int64(dev.ID))
-	if err == nil {
-		var n int64
-		if n, err = res.RowsAffected(); err == nil && n == 0 {
-			err = accounts.ErrNotFound
+	err := s.inTx(ctx, func(tx *sql.Tx) error {
+		res, err := tx.StmtContext(ctx, s.rmDevice).ExecContext(ctx, time.Now().UnixMilli(), dev.User, int64(dev.ID))
+		if err != nil {
+			return err
 		}
-	}
+		if n, err := res.RowsAffected(); err != nil {
+			return err
+		} else if n == 0 {
+			return accounts.ErrNotFound
+		}
+		if _, err := tx.ExecContext(ctx, `DELETE FROM one_time_prekeys WHERE user = ? AND device = ?`, dev.User, int64(dev.ID)); err != nil {
+			return err
+		}
+		_, err = tx.ExecContext(ctx, `DELETE FROM device_keys WHERE user = ? AND device = ?`, dev.User, int64(dev.ID))
+		return err
+	})
 	if err != nil {
 		return fmt.Errorf("accounts/sqlite: remove device %s: %w", dev, err)
 	}

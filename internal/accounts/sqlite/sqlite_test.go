@@ -426,3 +426,10 @@ func BenchmarkDevices(b *testing.B) {
 		})
 	})
 }
+
+// BenchmarkTakeBundles: see accountstest.BenchTakeBundles.
+func BenchmarkTakeBundles(b *testing.B) {
+	s, _ := openTemp(b)
+	b.Cleanup(func() { s.Close() })
+	accountstest.BenchTakeBundles(b, s)
+}

@@ -1,4 +1,4 @@
-// Package authtest provides an in-memory accounts.Store for tests of
+// Package authtest provides an in-memory accounts.Store (and KeyStore) for tests of
 // authentication and of the handlers behind it (the fuzz targets of auth,
 // api and gateway run millions of requests, which a store on disk would
 // slow to a crawl). It passes the accountstest conformance suite, so it
@@ -32,12 +32,23 @@ type user struct {
 type device struct {
 	d    accounts.Device
 	hash []byte
+	keys *deviceKeys // nil until the device uploads keys
+}
+
+type deviceKeys struct {
+	identity []byte
+	regID    uint32
+	spk      accounts.SignedPreKey
+	prekeys  map[uint32][]byte
 }
 
 // New returns an empty store.
 func New() *Store { return &Store{users: map[string]*user{}} }
 
-var _ accounts.Store = (*Store)(nil)
+var (
+	_ accounts.Store    = (*Store)(nil)
+	_ accounts.KeyStore = (*Store)(nil)
+)
 
 func now() time.Time { return time.Now().UTC().Round(0) }
 

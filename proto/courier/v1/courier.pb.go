@@ -108,6 +108,11 @@ const (
 	EnvelopeKind_ENVELOPE_KIND_UNSPECIFIED EnvelopeKind = 0
 	EnvelopeKind_ENVELOPE_KIND_MESSAGE     EnvelopeKind = 1
 	EnvelopeKind_ENVELOPE_KIND_RECEIPT     EnvelopeKind = 2
+	// The server tells a device that bundle fetches have used up its one-time
+	// prekeys down to keys_low.remaining (below 10, and again at 0): upload
+	// more with PUT /v1/keys. Sender is the device's own user; it carries no
+	// payload.
+	EnvelopeKind_ENVELOPE_KIND_KEYS_LOW EnvelopeKind = 3
 )
 
 // Enum value maps for EnvelopeKind.
@@ -116,11 +121,13 @@ var (
 		0: "ENVELOPE_KIND_UNSPECIFIED",
 		1: "ENVELOPE_KIND_MESSAGE",
 		2: "ENVELOPE_KIND_RECEIPT",
+		3: "ENVELOPE_KIND_KEYS_LOW",
 	}
 	EnvelopeKind_value = map[string]int32{
 		"ENVELOPE_KIND_UNSPECIFIED": 0,
 		"ENVELOPE_KIND_MESSAGE":     1,
 		"ENVELOPE_KIND_RECEIPT":     2,
+		"ENVELOPE_KIND_KEYS_LOW":    3,
 	}
 )
 
@@ -1159,7 +1166,8 @@ func (x *Deliver) GetEnvelope() *Envelope {
 	return nil
 }
 
-// Envelope is what a device's mailbox holds: a message or a receipt.
+// Envelope is what a device's mailbox holds: a message, a receipt, or a
+// notice from the server to the device itself (KEYS_LOW).
 type Envelope struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	Kind  EnvelopeKind           `protobuf:"varint,1,opt,name=kind,proto3,enum=courier.v1.EnvelopeKind" json:"kind,omitempty"`
@@ -1176,7 +1184,9 @@ type Envelope struct {
 	// For a message: the opaque payload for this device.
 	Payload []byte `protobuf:"bytes,8,opt,name=payload,proto3" json:"payload,omitempty"`
 	// For a receipt: what happened to which messages.
-	Receipt       *Receipt `protobuf:"bytes,9,opt,name=receipt,proto3" json:"receipt,omitempty"`
+	Receipt *Receipt `protobuf:"bytes,9,opt,name=receipt,proto3" json:"receipt,omitempty"`
+	// For KEYS_LOW: how many one-time prekeys the device has left.
+	KeysLow       *KeysLow `protobuf:"bytes,10,opt,name=keys_low,json=keysLow,proto3" json:"keys_low,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1274,6 +1284,59 @@ func (x *Envelope) GetReceipt() *Receipt {
 	return nil
 }
 
+func (x *Envelope) GetKeysLow() *KeysLow {
+	if x != nil {
+		return x.KeysLow
+	}
+	return nil
+}
+
+// KeysLow is the body of an ENVELOPE_KIND_KEYS_LOW envelope.
+type KeysLow struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// One-time prekeys the device had left when the notice was written.
+	Remaining     uint32 `protobuf:"varint,1,opt,name=remaining,proto3" json:"remaining,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *KeysLow) Reset() {
+	*x = KeysLow{}
+	mi := &file_courier_v1_courier_proto_msgTypes[11]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *KeysLow) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*KeysLow) ProtoMessage() {}
+
+func (x *KeysLow) ProtoReflect() protoreflect.Message {
+	mi := &file_courier_v1_courier_proto_msgTypes[11]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use KeysLow.ProtoReflect.Descriptor instead.
+func (*KeysLow) Descriptor() ([]byte, []int) {
+	return file_courier_v1_courier_proto_rawDescGZIP(), []int{11}
+}
+
+func (x *KeysLow) GetRemaining() uint32 {
+	if x != nil {
+		return x.Remaining
+	}
+	return 0
+}
+
 // Receipt is an immutable event about messages a user sent.
 type Receipt struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -1286,7 +1349,7 @@ type Receipt struct {
 
 func (x *Receipt) Reset() {
 	*x = Receipt{}
-	mi := &file_courier_v1_courier_proto_msgTypes[11]
+	mi := &file_courier_v1_courier_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1298,7 +1361,7 @@ func (x *Receipt) String() string {
 func (*Receipt) ProtoMessage() {}
 
 func (x *Receipt) ProtoReflect() protoreflect.Message {
-	mi := &file_courier_v1_courier_proto_msgTypes[11]
+	mi := &file_courier_v1_courier_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1311,7 +1374,7 @@ func (x *Receipt) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Receipt.ProtoReflect.Descriptor instead.
 func (*Receipt) Descriptor() ([]byte, []int) {
-	return file_courier_v1_courier_proto_rawDescGZIP(), []int{11}
+	return file_courier_v1_courier_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *Receipt) GetType() ReceiptType {
@@ -1338,7 +1401,7 @@ type MessageRef struct {
 
 func (x *MessageRef) Reset() {
 	*x = MessageRef{}
-	mi := &file_courier_v1_courier_proto_msgTypes[12]
+	mi := &file_courier_v1_courier_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1350,7 +1413,7 @@ func (x *MessageRef) String() string {
 func (*MessageRef) ProtoMessage() {}
 
 func (x *MessageRef) ProtoReflect() protoreflect.Message {
-	mi := &file_courier_v1_courier_proto_msgTypes[12]
+	mi := &file_courier_v1_courier_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1363,7 +1426,7 @@ func (x *MessageRef) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MessageRef.ProtoReflect.Descriptor instead.
 func (*MessageRef) Descriptor() ([]byte, []int) {
-	return file_courier_v1_courier_proto_rawDescGZIP(), []int{12}
+	return file_courier_v1_courier_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *MessageRef) GetServerId() string {
@@ -1391,7 +1454,7 @@ type Synced struct {
 
 func (x *Synced) Reset() {
 	*x = Synced{}
-	mi := &file_courier_v1_courier_proto_msgTypes[13]
+	mi := &file_courier_v1_courier_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1403,7 +1466,7 @@ func (x *Synced) String() string {
 func (*Synced) ProtoMessage() {}
 
 func (x *Synced) ProtoReflect() protoreflect.Message {
-	mi := &file_courier_v1_courier_proto_msgTypes[13]
+	mi := &file_courier_v1_courier_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1416,7 +1479,7 @@ func (x *Synced) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Synced.ProtoReflect.Descriptor instead.
 func (*Synced) Descriptor() ([]byte, []int) {
-	return file_courier_v1_courier_proto_rawDescGZIP(), []int{13}
+	return file_courier_v1_courier_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *Synced) GetPending() uint64 {
@@ -1438,7 +1501,7 @@ type Ack struct {
 
 func (x *Ack) Reset() {
 	*x = Ack{}
-	mi := &file_courier_v1_courier_proto_msgTypes[14]
+	mi := &file_courier_v1_courier_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1450,7 +1513,7 @@ func (x *Ack) String() string {
 func (*Ack) ProtoMessage() {}
 
 func (x *Ack) ProtoReflect() protoreflect.Message {
-	mi := &file_courier_v1_courier_proto_msgTypes[14]
+	mi := &file_courier_v1_courier_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1463,7 +1526,7 @@ func (x *Ack) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Ack.ProtoReflect.Descriptor instead.
 func (*Ack) Descriptor() ([]byte, []int) {
-	return file_courier_v1_courier_proto_rawDescGZIP(), []int{14}
+	return file_courier_v1_courier_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *Ack) GetSeqs() []uint64 {
@@ -1485,7 +1548,7 @@ type Read struct {
 
 func (x *Read) Reset() {
 	*x = Read{}
-	mi := &file_courier_v1_courier_proto_msgTypes[15]
+	mi := &file_courier_v1_courier_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1497,7 +1560,7 @@ func (x *Read) String() string {
 func (*Read) ProtoMessage() {}
 
 func (x *Read) ProtoReflect() protoreflect.Message {
-	mi := &file_courier_v1_courier_proto_msgTypes[15]
+	mi := &file_courier_v1_courier_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1510,7 +1573,7 @@ func (x *Read) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Read.ProtoReflect.Descriptor instead.
 func (*Read) Descriptor() ([]byte, []int) {
-	return file_courier_v1_courier_proto_rawDescGZIP(), []int{15}
+	return file_courier_v1_courier_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *Read) GetSender() string {
@@ -1540,7 +1603,7 @@ type Subscribe struct {
 
 func (x *Subscribe) Reset() {
 	*x = Subscribe{}
-	mi := &file_courier_v1_courier_proto_msgTypes[16]
+	mi := &file_courier_v1_courier_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1552,7 +1615,7 @@ func (x *Subscribe) String() string {
 func (*Subscribe) ProtoMessage() {}
 
 func (x *Subscribe) ProtoReflect() protoreflect.Message {
-	mi := &file_courier_v1_courier_proto_msgTypes[16]
+	mi := &file_courier_v1_courier_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1565,7 +1628,7 @@ func (x *Subscribe) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Subscribe.ProtoReflect.Descriptor instead.
 func (*Subscribe) Descriptor() ([]byte, []int) {
-	return file_courier_v1_courier_proto_rawDescGZIP(), []int{16}
+	return file_courier_v1_courier_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *Subscribe) GetUsers() []string {
@@ -1594,7 +1657,7 @@ type Presence struct {
 
 func (x *Presence) Reset() {
 	*x = Presence{}
-	mi := &file_courier_v1_courier_proto_msgTypes[17]
+	mi := &file_courier_v1_courier_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1606,7 +1669,7 @@ func (x *Presence) String() string {
 func (*Presence) ProtoMessage() {}
 
 func (x *Presence) ProtoReflect() protoreflect.Message {
-	mi := &file_courier_v1_courier_proto_msgTypes[17]
+	mi := &file_courier_v1_courier_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1619,7 +1682,7 @@ func (x *Presence) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Presence.ProtoReflect.Descriptor instead.
 func (*Presence) Descriptor() ([]byte, []int) {
-	return file_courier_v1_courier_proto_rawDescGZIP(), []int{17}
+	return file_courier_v1_courier_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *Presence) GetUser() string {
@@ -1654,7 +1717,7 @@ type Typing struct {
 
 func (x *Typing) Reset() {
 	*x = Typing{}
-	mi := &file_courier_v1_courier_proto_msgTypes[18]
+	mi := &file_courier_v1_courier_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1666,7 +1729,7 @@ func (x *Typing) String() string {
 func (*Typing) ProtoMessage() {}
 
 func (x *Typing) ProtoReflect() protoreflect.Message {
-	mi := &file_courier_v1_courier_proto_msgTypes[18]
+	mi := &file_courier_v1_courier_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1679,7 +1742,7 @@ func (x *Typing) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Typing.ProtoReflect.Descriptor instead.
 func (*Typing) Descriptor() ([]byte, []int) {
-	return file_courier_v1_courier_proto_rawDescGZIP(), []int{18}
+	return file_courier_v1_courier_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *Typing) GetTo() string {
@@ -1707,7 +1770,7 @@ type TypingEvent struct {
 
 func (x *TypingEvent) Reset() {
 	*x = TypingEvent{}
-	mi := &file_courier_v1_courier_proto_msgTypes[19]
+	mi := &file_courier_v1_courier_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1719,7 +1782,7 @@ func (x *TypingEvent) String() string {
 func (*TypingEvent) ProtoMessage() {}
 
 func (x *TypingEvent) ProtoReflect() protoreflect.Message {
-	mi := &file_courier_v1_courier_proto_msgTypes[19]
+	mi := &file_courier_v1_courier_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1732,7 +1795,7 @@ func (x *TypingEvent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TypingEvent.ProtoReflect.Descriptor instead.
 func (*TypingEvent) Descriptor() ([]byte, []int) {
-	return file_courier_v1_courier_proto_rawDescGZIP(), []int{19}
+	return file_courier_v1_courier_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *TypingEvent) GetFrom() string {
@@ -1764,7 +1827,7 @@ type Ok struct {
 
 func (x *Ok) Reset() {
 	*x = Ok{}
-	mi := &file_courier_v1_courier_proto_msgTypes[20]
+	mi := &file_courier_v1_courier_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1776,7 +1839,7 @@ func (x *Ok) String() string {
 func (*Ok) ProtoMessage() {}
 
 func (x *Ok) ProtoReflect() protoreflect.Message {
-	mi := &file_courier_v1_courier_proto_msgTypes[20]
+	mi := &file_courier_v1_courier_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1789,7 +1852,7 @@ func (x *Ok) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Ok.ProtoReflect.Descriptor instead.
 func (*Ok) Descriptor() ([]byte, []int) {
-	return file_courier_v1_courier_proto_rawDescGZIP(), []int{20}
+	return file_courier_v1_courier_proto_rawDescGZIP(), []int{21}
 }
 
 type Ping struct {
@@ -1801,7 +1864,7 @@ type Ping struct {
 
 func (x *Ping) Reset() {
 	*x = Ping{}
-	mi := &file_courier_v1_courier_proto_msgTypes[21]
+	mi := &file_courier_v1_courier_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1813,7 +1876,7 @@ func (x *Ping) String() string {
 func (*Ping) ProtoMessage() {}
 
 func (x *Ping) ProtoReflect() protoreflect.Message {
-	mi := &file_courier_v1_courier_proto_msgTypes[21]
+	mi := &file_courier_v1_courier_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1826,7 +1889,7 @@ func (x *Ping) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Ping.ProtoReflect.Descriptor instead.
 func (*Ping) Descriptor() ([]byte, []int) {
-	return file_courier_v1_courier_proto_rawDescGZIP(), []int{21}
+	return file_courier_v1_courier_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *Ping) GetClientTimeMs() int64 {
@@ -1846,7 +1909,7 @@ type Pong struct {
 
 func (x *Pong) Reset() {
 	*x = Pong{}
-	mi := &file_courier_v1_courier_proto_msgTypes[22]
+	mi := &file_courier_v1_courier_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1858,7 +1921,7 @@ func (x *Pong) String() string {
 func (*Pong) ProtoMessage() {}
 
 func (x *Pong) ProtoReflect() protoreflect.Message {
-	mi := &file_courier_v1_courier_proto_msgTypes[22]
+	mi := &file_courier_v1_courier_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1871,7 +1934,7 @@ func (x *Pong) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Pong.ProtoReflect.Descriptor instead.
 func (*Pong) Descriptor() ([]byte, []int) {
-	return file_courier_v1_courier_proto_rawDescGZIP(), []int{22}
+	return file_courier_v1_courier_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *Pong) GetClientTimeMs() int64 {
@@ -1901,7 +1964,7 @@ type Error struct {
 
 func (x *Error) Reset() {
 	*x = Error{}
-	mi := &file_courier_v1_courier_proto_msgTypes[23]
+	mi := &file_courier_v1_courier_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1913,7 +1976,7 @@ func (x *Error) String() string {
 func (*Error) ProtoMessage() {}
 
 func (x *Error) ProtoReflect() protoreflect.Message {
-	mi := &file_courier_v1_courier_proto_msgTypes[23]
+	mi := &file_courier_v1_courier_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1926,7 +1989,7 @@ func (x *Error) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Error.ProtoReflect.Descriptor instead.
 func (*Error) Descriptor() ([]byte, []int) {
-	return file_courier_v1_courier_proto_rawDescGZIP(), []int{23}
+	return file_courier_v1_courier_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *Error) GetCode() ErrorCode {
@@ -2009,7 +2072,7 @@ const file_courier_v1_courier_proto_rawDesc = "" +
 	"\x0fmax_frame_bytes\x18\x05 \x01(\rR\rmaxFrameBytes\"M\n" +
 	"\aDeliver\x12\x10\n" +
 	"\x03seq\x18\x01 \x01(\x04R\x03seq\x120\n" +
-	"\benvelope\x18\x02 \x01(\v2\x14.courier.v1.EnvelopeR\benvelope\"\xb5\x02\n" +
+	"\benvelope\x18\x02 \x01(\v2\x14.courier.v1.EnvelopeR\benvelope\"\xe5\x02\n" +
 	"\bEnvelope\x12,\n" +
 	"\x04kind\x18\x01 \x01(\x0e2\x18.courier.v1.EnvelopeKindR\x04kind\x12\x1b\n" +
 	"\tserver_id\x18\x02 \x01(\tR\bserverId\x12\x16\n" +
@@ -2019,7 +2082,11 @@ const file_courier_v1_courier_proto_rawDesc = "" +
 	"\rclient_msg_id\x18\x06 \x01(\tR\vclientMsgId\x12\x0e\n" +
 	"\x02to\x18\a \x01(\tR\x02to\x12\x18\n" +
 	"\apayload\x18\b \x01(\fR\apayload\x12-\n" +
-	"\areceipt\x18\t \x01(\v2\x13.courier.v1.ReceiptR\areceipt\"j\n" +
+	"\areceipt\x18\t \x01(\v2\x13.courier.v1.ReceiptR\areceipt\x12.\n" +
+	"\bkeys_low\x18\n" +
+	" \x01(\v2\x13.courier.v1.KeysLowR\akeysLow\"'\n" +
+	"\aKeysLow\x12\x1c\n" +
+	"\tremaining\x18\x01 \x01(\rR\tremaining\"j\n" +
 	"\aReceipt\x12+\n" +
 	"\x04type\x18\x01 \x01(\x0e2\x17.courier.v1.ReceiptTypeR\x04type\x122\n" +
 	"\bmessages\x18\x02 \x03(\v2\x16.courier.v1.MessageRefR\bmessages\"M\n" +
@@ -2068,11 +2135,12 @@ const file_courier_v1_courier_proto_rawDesc = "" +
 	"\x1eREFUSAL_CODE_PAYLOAD_TOO_LARGE\x10\x04\x12$\n" +
 	" REFUSAL_CODE_STORAGE_UNAVAILABLE\x10\x05\x12\x1e\n" +
 	"\x1aREFUSAL_CODE_SHUTTING_DOWN\x10\x06\x12\x1d\n" +
-	"\x19REFUSAL_CODE_RATE_LIMITED\x10\a*c\n" +
+	"\x19REFUSAL_CODE_RATE_LIMITED\x10\a*\x7f\n" +
 	"\fEnvelopeKind\x12\x1d\n" +
 	"\x19ENVELOPE_KIND_UNSPECIFIED\x10\x00\x12\x19\n" +
 	"\x15ENVELOPE_KIND_MESSAGE\x10\x01\x12\x19\n" +
-	"\x15ENVELOPE_KIND_RECEIPT\x10\x02*^\n" +
+	"\x15ENVELOPE_KIND_RECEIPT\x10\x02\x12\x1a\n" +
+	"\x16ENVELOPE_KIND_KEYS_LOW\x10\x03*^\n" +
 	"\vReceiptType\x12\x1c\n" +
 	"\x18RECEIPT_TYPE_UNSPECIFIED\x10\x00\x12\x1a\n" +
 	"\x16RECEIPT_TYPE_DELIVERED\x10\x01\x12\x15\n" +
@@ -2104,7 +2172,7 @@ func file_courier_v1_courier_proto_rawDescGZIP() []byte {
 }
 
 var file_courier_v1_courier_proto_enumTypes = make([]protoimpl.EnumInfo, 4)
-var file_courier_v1_courier_proto_msgTypes = make([]protoimpl.MessageInfo, 24)
+var file_courier_v1_courier_proto_msgTypes = make([]protoimpl.MessageInfo, 25)
 var file_courier_v1_courier_proto_goTypes = []any{
 	(RefusalCode)(0),      // 0: courier.v1.RefusalCode
 	(EnvelopeKind)(0),     // 1: courier.v1.EnvelopeKind
@@ -2121,37 +2189,38 @@ var file_courier_v1_courier_proto_goTypes = []any{
 	(*Hello)(nil),         // 12: courier.v1.Hello
 	(*Deliver)(nil),       // 13: courier.v1.Deliver
 	(*Envelope)(nil),      // 14: courier.v1.Envelope
-	(*Receipt)(nil),       // 15: courier.v1.Receipt
-	(*MessageRef)(nil),    // 16: courier.v1.MessageRef
-	(*Synced)(nil),        // 17: courier.v1.Synced
-	(*Ack)(nil),           // 18: courier.v1.Ack
-	(*Read)(nil),          // 19: courier.v1.Read
-	(*Subscribe)(nil),     // 20: courier.v1.Subscribe
-	(*Presence)(nil),      // 21: courier.v1.Presence
-	(*Typing)(nil),        // 22: courier.v1.Typing
-	(*TypingEvent)(nil),   // 23: courier.v1.TypingEvent
-	(*Ok)(nil),            // 24: courier.v1.Ok
-	(*Ping)(nil),          // 25: courier.v1.Ping
-	(*Pong)(nil),          // 26: courier.v1.Pong
-	(*Error)(nil),         // 27: courier.v1.Error
+	(*KeysLow)(nil),       // 15: courier.v1.KeysLow
+	(*Receipt)(nil),       // 16: courier.v1.Receipt
+	(*MessageRef)(nil),    // 17: courier.v1.MessageRef
+	(*Synced)(nil),        // 18: courier.v1.Synced
+	(*Ack)(nil),           // 19: courier.v1.Ack
+	(*Read)(nil),          // 20: courier.v1.Read
+	(*Subscribe)(nil),     // 21: courier.v1.Subscribe
+	(*Presence)(nil),      // 22: courier.v1.Presence
+	(*Typing)(nil),        // 23: courier.v1.Typing
+	(*TypingEvent)(nil),   // 24: courier.v1.TypingEvent
+	(*Ok)(nil),            // 25: courier.v1.Ok
+	(*Ping)(nil),          // 26: courier.v1.Ping
+	(*Pong)(nil),          // 27: courier.v1.Pong
+	(*Error)(nil),         // 28: courier.v1.Error
 }
 var file_courier_v1_courier_proto_depIdxs = []int32{
 	7,  // 0: courier.v1.ClientFrame.send:type_name -> courier.v1.Send
-	18, // 1: courier.v1.ClientFrame.ack:type_name -> courier.v1.Ack
-	19, // 2: courier.v1.ClientFrame.read:type_name -> courier.v1.Read
-	20, // 3: courier.v1.ClientFrame.subscribe:type_name -> courier.v1.Subscribe
-	22, // 4: courier.v1.ClientFrame.typing:type_name -> courier.v1.Typing
-	25, // 5: courier.v1.ClientFrame.ping:type_name -> courier.v1.Ping
+	19, // 1: courier.v1.ClientFrame.ack:type_name -> courier.v1.Ack
+	20, // 2: courier.v1.ClientFrame.read:type_name -> courier.v1.Read
+	21, // 3: courier.v1.ClientFrame.subscribe:type_name -> courier.v1.Subscribe
+	23, // 4: courier.v1.ClientFrame.typing:type_name -> courier.v1.Typing
+	26, // 5: courier.v1.ClientFrame.ping:type_name -> courier.v1.Ping
 	12, // 6: courier.v1.ServerFrame.hello:type_name -> courier.v1.Hello
 	9,  // 7: courier.v1.ServerFrame.accepted:type_name -> courier.v1.Accepted
 	10, // 8: courier.v1.ServerFrame.refused:type_name -> courier.v1.Refused
 	13, // 9: courier.v1.ServerFrame.deliver:type_name -> courier.v1.Deliver
-	17, // 10: courier.v1.ServerFrame.synced:type_name -> courier.v1.Synced
-	24, // 11: courier.v1.ServerFrame.ok:type_name -> courier.v1.Ok
-	21, // 12: courier.v1.ServerFrame.presence:type_name -> courier.v1.Presence
-	23, // 13: courier.v1.ServerFrame.typing:type_name -> courier.v1.TypingEvent
-	26, // 14: courier.v1.ServerFrame.pong:type_name -> courier.v1.Pong
-	27, // 15: courier.v1.ServerFrame.error:type_name -> courier.v1.Error
+	18, // 10: courier.v1.ServerFrame.synced:type_name -> courier.v1.Synced
+	25, // 11: courier.v1.ServerFrame.ok:type_name -> courier.v1.Ok
+	22, // 12: courier.v1.ServerFrame.presence:type_name -> courier.v1.Presence
+	24, // 13: courier.v1.ServerFrame.typing:type_name -> courier.v1.TypingEvent
+	27, // 14: courier.v1.ServerFrame.pong:type_name -> courier.v1.Pong
+	28, // 15: courier.v1.ServerFrame.error:type_name -> courier.v1.Error
 	8,  // 16: courier.v1.Send.payloads:type_name -> courier.v1.DevicePayload
 	6,  // 17: courier.v1.DevicePayload.device:type_name -> courier.v1.DeviceAddress
 	0,  // 18: courier.v1.Refused.code:type_name -> courier.v1.RefusalCode
@@ -2159,16 +2228,17 @@ var file_courier_v1_courier_proto_depIdxs = []int32{
 	6,  // 20: courier.v1.Hello.device:type_name -> courier.v1.DeviceAddress
 	14, // 21: courier.v1.Deliver.envelope:type_name -> courier.v1.Envelope
 	1,  // 22: courier.v1.Envelope.kind:type_name -> courier.v1.EnvelopeKind
-	15, // 23: courier.v1.Envelope.receipt:type_name -> courier.v1.Receipt
-	2,  // 24: courier.v1.Receipt.type:type_name -> courier.v1.ReceiptType
-	16, // 25: courier.v1.Receipt.messages:type_name -> courier.v1.MessageRef
-	16, // 26: courier.v1.Read.messages:type_name -> courier.v1.MessageRef
-	3,  // 27: courier.v1.Error.code:type_name -> courier.v1.ErrorCode
-	28, // [28:28] is the sub-list for method output_type
-	28, // [28:28] is the sub-list for method input_type
-	28, // [28:28] is the sub-list for extension type_name
-	28, // [28:28] is the sub-list for extension extendee
-	0,  // [0:28] is the sub-list for field type_name
+	16, // 23: courier.v1.Envelope.receipt:type_name -> courier.v1.Receipt
+	15, // 24: courier.v1.Envelope.keys_low:type_name -> courier.v1.KeysLow
+	2,  // 25: courier.v1.Receipt.type:type_name -> courier.v1.ReceiptType
+	17, // 26: courier.v1.Receipt.messages:type_name -> courier.v1.MessageRef
+	17, // 27: courier.v1.Read.messages:type_name -> courier.v1.MessageRef
+	3,  // 28: courier.v1.Error.code:type_name -> courier.v1.ErrorCode
+	29, // [29:29] is the sub-list for method output_type
+	29, // [29:29] is the sub-list for method input_type
+	29, // [29:29] is the sub-list for extension type_name
+	29, // [29:29] is the sub-list for extension extendee
+	0,  // [0:29] is the sub-list for field type_name
 }
 
 func init() { file_courier_v1_courier_proto_init() }
@@ -2202,7 +2272,7 @@ func file_courier_v1_courier_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_courier_v1_courier_proto_rawDesc), len(file_courier_v1_courier_proto_rawDesc)),
 			NumEnums:      4,
-			NumMessages:   24,
+			NumMessages:   25,
 			NumExtensions: 0,
 			NumServices:   0,
 		},
