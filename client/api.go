@@ -76,7 +76,7 @@ type MessageRef struct {
 
 // Event is what a Client reports to the application: *MessageEvent,
 // *ReceiptEvent, *PresenceEvent, *TypingEvent, *ConnectionEvent,
-// *SyncedEvent or *SendFailedEvent.
+// *SyncedEvent, *SendFailedEvent or *KeysLowEvent.
 type Event interface{ isEvent() }
 
 // MessageEvent is a message delivered to this device, after duplicate

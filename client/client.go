@@ -71,6 +71,11 @@ type Config struct {
 	Seal func(ctx context.Context, to Device, body []byte) ([]byte, error)
 	Open func(ctx context.Context, from Device, payload []byte) ([]byte, error)
 
+	// Cipher, if set, is the end-to-end encryption layer (client/e2e), and
+	// replaces Seal and Open. Without it (and without Seal and Open),
+	// payloads travel as plaintext: a mode for load tools and tests.
+	Cipher Cipher
+
 	// MinBackoff and MaxBackoff bound the delays between reconnects and
 	// between send retries (exponential, with full jitter). Defaults:
 	// DefaultMinBackoff and DefaultMaxBackoff.
@@ -182,7 +187,9 @@ func New(cfg Config) (*Client, error) {
 		devices: map[string][]uint32{},
 	}
 	for _, m := range pending {
-		c.tracker.Track(MessageRef{ClientMsgID: m.ClientMsgID}, m.To)
+		if !m.hidden() {
+			c.tracker.Track(MessageRef{ClientMsgID: m.ClientMsgID}, m.To)
+		}
 		c.outbox.queue.push(&outItem{msg: m})
 	}
 	c.outboxDone.Add(1)

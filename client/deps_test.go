@@ -16,6 +16,7 @@ func TestNoInternalDependencies(t *testing.T) {
 	for _, pkg := range []string{
 		"github.com/courier-im/courier/client",
 		"github.com/courier-im/courier/client/localstore",
+		"github.com/courier-im/courier/client/e2e",
 	} {
 		out, err := exec.Command(goTool, "list", "-deps", pkg).CombinedOutput()
 		if err != nil {

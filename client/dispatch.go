@@ -103,7 +103,23 @@ func (c *Client) deliver(env *courierv1.Envelope) bool {
 	switch env.GetKind() {
 	case courierv1.EnvelopeKind_ENVELOPE_KIND_MESSAGE:
 		from := Device{User: env.GetSender(), ID: env.GetSenderDevice()}
-		body, err := c.cfg.Open(c.ctx, from, env.GetPayload())
+		clientMsgID := env.GetClientMsgId()
+		var body []byte
+		var err error
+		if c.cfg.Cipher != nil {
+			var o Opened
+			o, err = c.cfg.Cipher.Open(c.ctx, Inbound{ServerID: id, ClientMsgID: clientMsgID, From: from,
+				To: env.GetTo(), Time: timeMs(env.GetServerTimeMs()), Payload: env.GetPayload()})
+			if err == nil && o.Drop {
+				break
+			}
+			body = o.Body
+			if o.ClientMsgID != "" {
+				clientMsgID = o.ClientMsgID
+			}
+		} else {
+			body, err = c.cfg.Open(c.ctx, from, env.GetPayload())
+		}
 		if err != nil {
 			c.log.Warn("cannot open a message", "id", id, "from", from, "err", err)
 			body = nil
@@ -111,13 +127,13 @@ func (c *Client) deliver(env *courierv1.Envelope) bool {
 		if from.User == c.self.User {
 			// Sent by another device of this user: its receipts come here
 			// too, so track it from the state it is known to have reached.
-			ref := MessageRef{ServerID: id, ClientMsgID: env.GetClientMsgId()}
+			ref := MessageRef{ServerID: id, ClientMsgID: clientMsgID}
 			c.tracker.Track(ref, env.GetTo())
 			c.tracker.Advance(ref, StatusSent)
 		}
 		c.handle(&MessageEvent{
 			ServerID:    id,
-			ClientMsgID: env.GetClientMsgId(),
+			ClientMsgID: clientMsgID,
 			From:        from.User,
 			FromDevice:  from.ID,
 			To:          env.GetTo(),
@@ -150,6 +166,12 @@ func (c *Client) deliver(env *courierv1.Envelope) bool {
 				Time:     timeMs(env.GetServerTimeMs()),
 			})
 		}
+	case courierv1.EnvelopeKind_ENVELOPE_KIND_KEYS_LOW:
+		n := int(env.GetKeysLow().GetRemaining())
+		if kl, ok := c.cfg.Cipher.(KeysLowHandler); ok {
+			kl.KeysLow(n)
+		}
+		c.handle(&KeysLowEvent{Remaining: n})
 	default:
 		c.log.Warn("ignoring a mailbox entry of unknown kind", "id", id, "kind", env.GetKind())
 	}

@@ -30,7 +30,10 @@
 //	go c.Run(ctx)
 //	sent, err := c.Send(ctx, "bob", []byte("dinner at 8?"))
 //
-// The protocol is described in docs/protocol.md; the SDK's guarantees and
-// knobs in docs/client.md. Package client/localstore is a SQLite store for
-// the seen set, the outbox and message history.
+// Without Config.Cipher, payloads travel as plaintext (the mode load tools
+// use). Package client/e2e is the end-to-end encryption layer (the Signal
+// protocol) to set there; package client/localstore is the SQLite store for
+// the seen set, the outbox, the message history (searchable) and the e2e
+// state. The protocol is described in docs/protocol.md; the SDK's
+// guarantees and knobs in docs/client.md; encryption in docs/e2e.md.
 package client

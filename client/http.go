@@ -180,14 +180,18 @@ type DeviceInfo struct {
 	ID      uint32
 	Name    string
 	Created time.Time
+	// IdentityKey is the device's public identity key (end-to-end
+	// encryption), nil if it has not published one.
+	IdentityKey []byte
 }
 
 func (h *httpAPI) devices(ctx context.Context, user string) ([]DeviceInfo, error) {
 	var out struct {
 		Devices []struct {
-			ID      uint32    `json:"id"`
-			Name    string    `json:"name"`
-			Created time.Time `json:"created"`
+			ID          uint32    `json:"id"`
+			Name        string    `json:"name"`
+			Created     time.Time `json:"created"`
+			IdentityKey []byte    `json:"identity_key"`
 		} `json:"devices"`
 	}
 	if err := h.do(ctx, http.MethodGet, "/v1/users/"+url.PathEscape(user)+"/devices", nil, &out); err != nil {
@@ -195,7 +199,7 @@ func (h *httpAPI) devices(ctx context.Context, user string) ([]DeviceInfo, error
 	}
 	devs := make([]DeviceInfo, len(out.Devices))
 	for i, d := range out.Devices {
-		devs[i] = DeviceInfo{ID: d.ID, Name: d.Name, Created: d.Created}
+		devs[i] = DeviceInfo{ID: d.ID, Name: d.Name, Created: d.Created, IdentityKey: d.IdentityKey}
 	}
 	return devs, nil
 }

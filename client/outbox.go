@@ -16,7 +16,18 @@ type OutboxMessage struct {
 	To          string
 	Body        []byte
 	Created     time.Time
+	// Control marks a message of the Cipher's own (a request to resend,
+	// say): not the user's, so not tracked and reported by no event.
+	Control bool
+	// ContentID, when set, makes this a resend: the body of the message
+	// sent earlier with client id ContentID, sent again under a new client
+	// id because a device could not decrypt it. Like Control, it is not
+	// tracked or reported.
+	ContentID string
 }
+
+// hidden reports whether m is not a message the user sent just now.
+func (m OutboxMessage) hidden() bool { return m.Control || m.ContentID != "" }
 
 // OutboxStore persists the outbox, so that messages not yet accepted
 // survive a restart and are sent, with the same client message ids, by the
@@ -72,19 +83,45 @@ type SealError struct {
 }
 
 // Error says which device the seal failed for, and why.
-func (e *SealError) Error() string { return fmt.Sprintf("courier: seal for %s: %v", e.Device, e.Err) }
+func (e *SealError) Error() string {
+	to := e.Device.String()
+	if e.Device.ID == 0 { // the whole message, not one device
+		to = e.Device.User
+	}
+	return fmt.Sprintf("courier: seal for %s: %v", to, e.Err)
+}
 
 // Unwrap returns Seal's error.
 func (e *SealError) Unwrap() error { return e.Err }
 
 func (c *Client) enqueue(to string, body []byte, wait bool) (*outItem, error) {
+	return c.enqueueMessage(OutboxMessage{To: to, Body: body}, wait)
+}
+
+// SendControl puts in the outbox a message that is not the user's: a
+// Cipher's control message (control true), or a resend of the message
+// sent earlier with client id contentID. It is sent like any message, in
+// order, and survives restarts with the outbox, but it is not tracked and
+// no event reports it; it returns the message's new client id.
+func (c *Client) SendControl(to string, body []byte, control bool, contentID string) (string, error) {
+	if !control && contentID == "" {
+		return "", errors.New("courier: send control: neither a control message nor a resend")
+	}
+	it, err := c.enqueueMessage(OutboxMessage{To: to, Body: body, Control: control, ContentID: contentID}, false)
+	if err != nil {
+		return "", err
+	}
+	return it.msg.ClientMsgID, nil
+}
+
+func (c *Client) enqueueMessage(m OutboxMessage, wait bool) (*outItem, error) {
 	if c.isClosed() {
 		return nil, ErrClosed
 	}
-	if !validUser(to) {
-		return nil, fmt.Errorf("courier: send: bad user name %q", to)
+	if !validUser(m.To) {
+		return nil, fmt.Errorf("courier: send: bad user name %q", m.To)
 	}
-	m := OutboxMessage{ClientMsgID: newClientMsgID(), From: c.self, To: to, Body: slices.Clone(body), Created: time.Now()}
+	m.ClientMsgID, m.From, m.Body, m.Created = newClientMsgID(), c.self, slices.Clone(m.Body), time.Now()
 	if err := c.store.Add(m); err != nil {
 		return nil, fmt.Errorf("courier: send: store in the outbox: %w", err)
 	}
@@ -92,7 +129,9 @@ func (c *Client) enqueue(to string, body []byte, wait bool) (*outItem, error) {
 	if wait {
 		it.done = make(chan sendResult, 1)
 	}
-	c.tracker.Track(MessageRef{ClientMsgID: m.ClientMsgID}, to)
+	if !m.hidden() {
+		c.tracker.Track(MessageRef{ClientMsgID: m.ClientMsgID}, m.To)
+	}
 	c.outbox.queue.push(it)
 	return it, nil
 }
@@ -122,9 +161,23 @@ func (c *Client) outboxLoop() {
 		var re *RefusedError
 		refused := errors.As(err, &re)
 		var se *SealError
+		sealErr := errors.As(err, &se)
+		if sealErr {
+			refused = false // a refusal of the Cipher's key fetch, not of the send
+		}
 		switch {
 		case err == nil:
 			c.finish(it, sent, nil)
+			attempt, stale = 0, 0
+			continue
+		case sealErr && se.Temporary():
+			var sre *RefusedError
+			if errors.As(se.Err, &sre) {
+				re, refused = sre, true // for its retry-after hint
+			}
+		case sealErr:
+			c.log.Info("outbox: message cannot be sealed", "msg", it.msg.ClientMsgID, "to", it.msg.To, "err", err)
+			c.finish(it, Sent{}, err)
 			attempt, stale = 0, 0
 			continue
 		case refused && re.Code == CodeStaleDevices:
@@ -133,7 +186,7 @@ func (c *Client) outboxLoop() {
 				c.log.Debug("outbox: device lists were stale; retrying", "msg", it.msg.ClientMsgID)
 				continue
 			}
-		case refused && !re.Temporary(), errors.As(err, &se):
+		case refused && !re.Temporary():
 			c.log.Info("outbox: message refused", "msg", it.msg.ClientMsgID, "to", it.msg.To, "err", err)
 			c.finish(it, Sent{}, err)
 			attempt, stale = 0, 0
@@ -168,12 +221,30 @@ func (c *Client) attempt(ctx context.Context, it *outItem) (Sent, error) {
 		return Sent{}, err
 	}
 	payloads := make([]devicePayload, len(targets))
-	for i, d := range targets {
-		data, err := c.cfg.Seal(ctx, d, it.msg.Body)
+	if c.cfg.Cipher != nil {
+		sealed, err := c.cfg.Cipher.Seal(ctx, it.msg, targets)
 		if err != nil {
-			return Sent{}, &SealError{Device: d, Err: err}
+			var se *SealError
+			if errors.As(err, &se) {
+				return Sent{}, err
+			}
+			return Sent{}, &SealError{Device: Device{User: it.msg.To}, Err: err}
 		}
-		payloads[i] = devicePayload{to: d, data: data}
+		if len(sealed) != len(targets) {
+			return Sent{}, &SealError{Device: Device{User: it.msg.To},
+				Err: fmt.Errorf("cipher sealed %d payloads for %d devices", len(sealed), len(targets))}
+		}
+		for i, d := range targets {
+			payloads[i] = devicePayload{to: d, data: sealed[i]}
+		}
+	} else {
+		for i, d := range targets {
+			data, err := c.cfg.Seal(ctx, d, it.msg.Body)
+			if err != nil {
+				return Sent{}, &SealError{Device: d, Err: err}
+			}
+			payloads[i] = devicePayload{to: d, data: data}
+		}
 	}
 	if s := c.session(); s != nil {
 		sent, err := s.send(ctx, it.msg.ClientMsgID, it.msg.To, payloads)
@@ -256,7 +327,11 @@ func (c *Client) finish(it *outItem, sent Sent, err error) {
 	if rerr := c.store.Remove(it.msg.ClientMsgID); rerr != nil {
 		c.log.Error("outbox: remove from the store", "msg", it.msg.ClientMsgID, "err", rerr)
 	}
-	if err == nil {
+	if it.msg.hidden() {
+		if err != nil {
+			c.log.Warn("outbox: control message or resend not sent", "msg", it.msg.ClientMsgID, "to", it.msg.To, "err", err)
+		}
+	} else if err == nil {
 		if c.tracker.Advance(sent.MessageRef, StatusSent) {
 			c.events.push(dispatchItem{accepted: &ReceiptEvent{
 				Message: sent.MessageRef, To: it.msg.To, Status: StatusSent, Time: sent.Time}})

@@ -18,6 +18,7 @@ import (
 	"errors"
 	"fmt"
 	"strconv"
+	"strings"
 	"time"
 
 	_ "modernc.org/sqlite" // the "sqlite" database/sql driver
@@ -84,6 +85,12 @@ func Open(path string) (*Store, error) {
 	}
 	return s, nil
 }
+
+// DB returns the database, for the layers built on the store that keep
+// their own tables in it (client/e2e: keys, sessions, contacts). They are
+// created by this package's migrations, so that one file has one schema
+// version.
+func (s *Store) DB() *sql.DB { return s.db }
 
 // Close closes the database.
 func (s *Store) Close() error { return s.db.Close() }
@@ -341,12 +348,16 @@ func (o outbox) Add(m client.OutboxMessage) error {
 		return err
 	}
 	defer tx.Rollback()
-	if _, err := tx.Exec(`INSERT INTO outbox (client_msg_id, from_user, from_device, to_user, body, created)
-		VALUES (?, ?, ?, ?, ?, ?)`, m.ClientMsgID, m.From.User, m.From.ID, m.To, nonNil(m.Body), ms(m.Created)); err != nil {
+	if _, err := tx.Exec(`INSERT INTO outbox (client_msg_id, from_user, from_device, to_user, body, created, control, content_id)
+		VALUES (?, ?, ?, ?, ?, ?, ?, ?)`, m.ClientMsgID, m.From.User, m.From.ID, m.To, nonNil(m.Body), ms(m.Created),
+		m.Control, m.ContentID); err != nil {
 		return fmt.Errorf("localstore: outbox: %w", err)
 	}
-	if err := recordSent(tx, m); err != nil {
-		return err
+	// A control message or a resend is not the user's: no history.
+	if !m.Control && m.ContentID == "" {
+		if err := recordSent(tx, m); err != nil {
+			return err
+		}
 	}
 	return tx.Commit()
 }
@@ -357,7 +368,7 @@ func (o outbox) Remove(clientMsgID string) error {
 }
 
 func (o outbox) Pending() ([]client.OutboxMessage, error) {
-	rows, err := o.s.db.Query(`SELECT client_msg_id, from_user, from_device, to_user, body, created
+	rows, err := o.s.db.Query(`SELECT client_msg_id, from_user, from_device, to_user, body, created, control, content_id
 		FROM outbox ORDER BY seq`)
 	if err != nil {
 		return nil, fmt.Errorf("localstore: outbox: %w", err)
@@ -367,11 +378,56 @@ func (o outbox) Pending() ([]client.OutboxMessage, error) {
 	for rows.Next() {
 		var m client.OutboxMessage
 		var created int64
-		if err := rows.Scan(&m.ClientMsgID, &m.From.User, &m.From.ID, &m.To, &m.Body, &created); err != nil {
+		if err := rows.Scan(&m.ClientMsgID, &m.From.User, &m.From.ID, &m.To, &m.Body, &created, &m.Control, &m.ContentID); err != nil {
 			return nil, err
 		}
 		m.Created = time.UnixMilli(created)
 		out = append(out, m)
 	}
 	return out, rows.Err()
+}
+
+// Search returns the messages of the history whose text matches query, most
+// recent first, at most limit: full-text search (SQLite FTS5) over what
+// this device stored. Every word of query must occur (as a word, or as a
+// word's beginning when it ends with *); case and diacritics are ignored.
+func (s *Store) Search(query string, limit int) ([]Message, error) {
+	match := ftsQuery(query)
+	if match == "" {
+		return nil, errors.New("localstore: search: nothing to search for")
+	}
+	rows, err := s.db.Query(`SELECT `+prefixed("m.", messageColumns)+` FROM messages_fts
+		JOIN messages m ON m.id = messages_fts.rowid
+		WHERE messages_fts MATCH ? ORDER BY m.time DESC, m.id DESC LIMIT ?`, match, limit)
+	if err != nil {
+		return nil, fmt.Errorf("localstore: search: %w", err)
+	}
+	return scanMessages(rows)
+}
+
+// ftsQuery turns words typed by a user into an FTS5 query that cannot be
+// a syntax error: each word quoted, a trailing * kept as a prefix search.
+func ftsQuery(q string) string {
+	var terms []string
+	for _, w := range strings.Fields(q) {
+		prefix := strings.HasSuffix(w, "*")
+		w = strings.TrimRight(w, "*")
+		if w == "" {
+			continue
+		}
+		t := `"` + strings.ReplaceAll(w, `"`, `""`) + `"`
+		if prefix {
+			t += "*"
+		}
+		terms = append(terms, t)
+	}
+	return strings.Join(terms, " ")
+}
+
+func prefixed(p, columns string) string {
+	cols := strings.Split(columns, ", ")
+	for i, c := range cols {
+		cols[i] = p + c
+	}
+	return strings.Join(cols, ", ")
 }

@@ -1,7 +1,9 @@
 package localstore
 
 import (
+	"database/sql"
 	"path/filepath"
+	"slices"
 	"testing"
 	"time"
 
@@ -242,5 +244,114 @@ func TestTwoHandles(t *testing.T) {
 	}
 	if ok, _ := s1.Seen("b2"); !ok {
 		t.Fatal("a write through the other handle is not visible")
+	}
+}
+
+func TestSearch(t *testing.T) {
+	s, _ := open(t)
+	now := time.Now()
+	for i, ev := range []*client.MessageEvent{
+		{ServerID: "s1", ClientMsgID: "c1", From: "bob", FromDevice: 1, To: "alice", Time: now.Add(-3 * time.Minute), Body: []byte("Dinner at eight?")},
+		{ServerID: "s2", ClientMsgID: "c2", From: "carol", FromDevice: 1, To: "alice", Time: now.Add(-2 * time.Minute), Body: []byte("no dinner tonight, sorry")},
+		{ServerID: "s3", ClientMsgID: "c3", From: "bob", FromDevice: 1, To: "alice", Time: now.Add(-time.Minute), Body: []byte("lunch then? Crème brûlée")},
+	} {
+		if _, err := s.RecordReceived(ev); err != nil {
+			t.Fatal(i, err)
+		}
+	}
+	if err := s.Outbox().Add(client.OutboxMessage{ClientMsgID: "o1", From: client.Device{User: "alice", ID: 1}, To: "bob",
+		Body: []byte("dinner sounds good"), Created: now}); err != nil {
+		t.Fatal(err)
+	}
+	ids := func(ms []Message) []string {
+		var out []string
+		for _, m := range ms {
+			out = append(out, m.ClientMsgID)
+		}
+		return out
+	}
+	for _, tc := range []struct {
+		q    string
+		want []string
+	}{
+		{"dinner", []string{"o1", "c2", "c1"}},
+		{"DINNER eight", []string{"c1"}},
+		{"creme brulee", []string{"c3"}},
+		{"din*", []string{"o1", "c2", "c1"}},
+		{"breakfast", nil},
+		{`"OR" ( NEAR`, nil},
+	} {
+		got, err := s.Search(tc.q, 10)
+		if err != nil || !slices.Equal(ids(got), tc.want) {
+			t.Errorf("search %q: %v, %v; want %v", tc.q, ids(got), err, tc.want)
+		}
+	}
+	if got, _ := s.Search("dinner", 1); len(got) != 1 || got[0].Peer != "bob" || got[0].Direction != Out {
+		t.Errorf("limit 1: %+v", got)
+	}
+	if _, err := s.Search("  * ", 10); err == nil {
+		t.Error("an empty search was not refused")
+	}
+	// A dropped unsent message leaves the index too.
+	if err := s.DropUnsent("o1"); err != nil {
+		t.Fatal(err)
+	}
+	if got, _ := s.Search("sounds", 10); len(got) != 0 {
+		t.Errorf("a deleted message is still found: %+v", got)
+	}
+}
+
+func TestOutboxKeepsControlMessages(t *testing.T) {
+	s, _ := open(t)
+	from := client.Device{User: "alice", ID: 1}
+	for _, m := range []client.OutboxMessage{
+		{ClientMsgID: "ctl", From: from, To: "bob", Body: []byte{1, 2}, Created: time.Now(), Control: true},
+		{ClientMsgID: "re", From: from, To: "bob", Body: []byte("frame"), Created: time.Now(), ContentID: "orig"},
+	} {
+		if err := s.Outbox().Add(m); err != nil {
+			t.Fatal(err)
+		}
+	}
+	got, err := s.Outbox().Pending()
+	if err != nil || len(got) != 2 || !got[0].Control || got[1].ContentID != "orig" || got[1].Control {
+		t.Fatalf("pending: %+v, %v", got, err)
+	}
+	// Not the user's messages: not history.
+	if _, found, _ := s.Find(client.MessageRef{ClientMsgID: "ctl"}); found {
+		t.Error("a control message is in the history")
+	}
+	if _, found, _ := s.Find(client.MessageRef{ClientMsgID: "re"}); found {
+		t.Error("a resend is in the history")
+	}
+}
+
+// A file made by the first schema keeps its history, and the search index
+// covers it after the upgrade.
+func TestUpgradeFromVersion1(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "local.db")
+	db, err := sql.Open("sqlite", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, q := range []string{migrations[0], "PRAGMA user_version = 1",
+		`INSERT INTO messages (server_id, client_msg_id, direction, peer, from_user, from_device, body, time, status)
+			VALUES ('s1', 'c1', 'in', 'bob', 'bob', 1, CAST('dinner at eight' AS BLOB), 1, 2)`,
+		`INSERT INTO outbox (client_msg_id, from_user, from_device, to_user, body, created) VALUES ('o1', 'alice', 1, 'bob', x'68', 1)`,
+	} {
+		if _, err := db.Exec(q); err != nil {
+			t.Fatal(err)
+		}
+	}
+	db.Close()
+	s, err := Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	if got, err := s.Search("dinner", 10); err != nil || len(got) != 1 || got[0].ServerID != "s1" {
+		t.Fatalf("search after the upgrade: %+v, %v", got, err)
+	}
+	if got, err := s.Outbox().Pending(); err != nil || len(got) != 1 || got[0].Control || got[0].ContentID != "" {
+		t.Fatalf("outbox after the upgrade: %+v, %v", got, err)
 	}
 }

@@ -38,4 +38,92 @@ CREATE TABLE outbox (
 	created       INTEGER NOT NULL    -- unix ms
 );
 `,
+	// 2: end-to-end encryption (client/e2e): this device's Signal keys,
+	// sessions, the contacts' identity keys and verification; messages the
+	// e2e layer opened or sent (for resends); control messages and resends
+	// in the outbox; full-text search over the history.
+	`
+ALTER TABLE outbox ADD COLUMN control INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE outbox ADD COLUMN content_id TEXT NOT NULL DEFAULT '';
+
+CREATE TABLE e2e_identity (
+	id                 INTEGER PRIMARY KEY CHECK (id = 1),
+	public_key         BLOB NOT NULL,    -- serialized (33 bytes)
+	private_key        BLOB NOT NULL,    -- 32 bytes
+	registration_id    INTEGER NOT NULL,
+	next_prekey_id     INTEGER NOT NULL, -- the next one-time prekey id to use
+	next_signed_id     INTEGER NOT NULL,
+	uploaded           INTEGER NOT NULL DEFAULT 0 -- 1 once the server has the identity
+);
+
+CREATE TABLE e2e_prekeys (
+	id     INTEGER PRIMARY KEY,
+	record BLOB NOT NULL
+);
+
+CREATE TABLE e2e_signed_prekeys (
+	id      INTEGER PRIMARY KEY,
+	record  BLOB NOT NULL,
+	created INTEGER NOT NULL -- unix ms
+);
+
+CREATE TABLE e2e_sessions (
+	user   TEXT NOT NULL,
+	device INTEGER NOT NULL,
+	record BLOB NOT NULL,
+	PRIMARY KEY (user, device)
+) WITHOUT ROWID;
+
+-- Every device of every user this one has talked with, and its identity key.
+CREATE TABLE contacts (
+	user         TEXT NOT NULL,
+	device       INTEGER NOT NULL,
+	identity_key BLOB NOT NULL,
+	first_seen   INTEGER NOT NULL, -- unix ms
+	PRIMARY KEY (user, device)
+) WITHOUT ROWID;
+
+-- Per user: the safety number last seen, and the one the user verified.
+CREATE TABLE contact_trust (
+	user            TEXT PRIMARY KEY,
+	seen_number     TEXT NOT NULL DEFAULT '',
+	verified_number TEXT,            -- NULL: not verified
+	verified_at     INTEGER,
+	changed_at      INTEGER          -- unix ms of the last change of the number
+) WITHOUT ROWID;
+
+-- Messages the e2e layer opened, by server id, so that a redelivery is
+-- answered without decrypting again and a resend is recognised.
+CREATE TABLE e2e_inbox (
+	server_id   TEXT PRIMARY KEY,
+	from_user   TEXT NOT NULL,
+	from_device INTEGER NOT NULL,
+	msg_id      TEXT NOT NULL,
+	body        BLOB,
+	dropped     INTEGER NOT NULL,    -- 1: nothing for the application
+	at          INTEGER NOT NULL
+);
+CREATE UNIQUE INDEX e2e_inbox_msg ON e2e_inbox (from_user, from_device, msg_id) WHERE msg_id != '';
+
+-- Messages this device sealed, kept to answer a resend request.
+CREATE TABLE e2e_sent (
+	client_msg_id TEXT PRIMARY KEY,
+	to_user       TEXT NOT NULL,
+	body          BLOB NOT NULL,
+	created       INTEGER NOT NULL
+) WITHOUT ROWID;
+
+CREATE VIRTUAL TABLE messages_fts USING fts5 (body, tokenize = 'unicode61 remove_diacritics 2');
+INSERT INTO messages_fts (rowid, body) SELECT id, CAST(body AS TEXT) FROM messages;
+CREATE TRIGGER messages_fts_insert AFTER INSERT ON messages BEGIN
+	INSERT INTO messages_fts (rowid, body) VALUES (new.id, CAST(new.body AS TEXT));
+END;
+CREATE TRIGGER messages_fts_delete AFTER DELETE ON messages BEGIN
+	DELETE FROM messages_fts WHERE rowid = old.id;
+END;
+CREATE TRIGGER messages_fts_update AFTER UPDATE OF body ON messages BEGIN
+	DELETE FROM messages_fts WHERE rowid = old.id;
+	INSERT INTO messages_fts (rowid, body) VALUES (new.id, CAST(new.body AS TEXT));
+END;
+`,
 }

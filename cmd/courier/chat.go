@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"strings"
 	"time"
 
 	tea "github.com/charmbracelet/bubbletea"
@@ -57,18 +58,19 @@ func cmdChat(ctx context.Context, st streams, args []string) error {
 	// The SDK's events are recorded first, then shown: what is on screen
 	// is in the store, and only then acknowledged.
 	out := &chatSink{store: store, send: prog.Send}
-	cfg := p.clientConfig(st, store)
 	// Log lines would tear the screen: only if $COURIER_LOG asks for them.
 	var logw io.Writer = io.Discard
 	if os.Getenv("COURIER_LOG") != "" {
 		logw = st.err
 	}
-	cfg.Logger = cliLogger(logw)
-	cfg.Handler = out.handle
-	c, err := client.New(cfg)
+	// Notices of the encryption layer go to the notice line.
+	nw := noticeWriter(prog.Send)
+	p.notices = &nw
+	c, eng, err := p.newClient(ctx, streams{out: st.out, err: logw}, store, out.handle)
 	if err != nil {
 		return err
 	}
+	defer eng.Close()
 	defer c.Close()
 	live.c = c
 	if err := c.Subscribe(ctx, peer); err != nil {
@@ -140,7 +142,9 @@ func (s *chatSink) handle(ev client.Event) {
 	news := true
 	switch ev := ev.(type) {
 	case *client.MessageEvent:
-		news, err = s.store.RecordReceived(ev)
+		if ev.Err == nil { // an undecryptable message is shown, and kept when it is resent
+			news, err = s.store.RecordReceived(ev)
+		}
 	case *client.ReceiptEvent:
 		_, news, err = applyReceipt(s.store, ev)
 	case *client.SendFailedEvent:
@@ -152,4 +156,18 @@ func (s *chatSink) handle(ev client.Event) {
 	if news || err != nil {
 		s.send(eventMsg{ev})
 	}
+}
+
+// noticeMsg is a line for the chat's notice line.
+type noticeMsg struct{ text string }
+
+// noticeWriter shows what is written to it on the chat's notice line.
+type noticeWriter func(tea.Msg)
+
+func (w *noticeWriter) Write(b []byte) (int, error) {
+	text := strings.TrimSpace(strings.ReplaceAll(strings.Trim(string(b), "!\n"), "\n", " "))
+	if text != "" {
+		(*w)(noticeMsg{text: text})
+	}
+	return len(b), nil
 }

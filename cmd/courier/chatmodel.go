@@ -244,6 +244,8 @@ func (m chatModel) Update(msg tea.Msg) (tea.Model, tea.Cmd) {
 		}
 	case storeErrMsg:
 		m.notice = "local store: " + msg.err.Error()
+	case noticeMsg:
+		m.notice = msg.text
 	case eventMsg:
 		cmds = append(cmds, m.applyEvent(msg.ev))
 	}

@@ -22,6 +22,12 @@ type sink struct {
 func (s *sink) handle(ev client.Event) {
 	switch ev := ev.(type) {
 	case *client.MessageEvent:
+		if ev.Err != nil {
+			// Shown, not stored: the sender was asked to send it again,
+			// and the copy that decrypts is what the history keeps.
+			s.pr.message(ev)
+			return
+		}
 		isNew, err := s.store.RecordReceived(ev)
 		if err != nil {
 			fmt.Fprintf(s.errw, "courier: local store: %v\n", err)

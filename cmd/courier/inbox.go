@@ -44,8 +44,7 @@ func cmdInbox(ctx context.Context, st streams, args []string) error {
 	var synced, connected, late bool
 	var lastErr error
 	out := &sink{store: store, pr: newPrinter(st.out, *asJSON), errw: st.err}
-	cfg := p.clientConfig(st, store)
-	cfg.Handler = func(ev client.Event) {
+	handler := func(ev client.Event) {
 		switch ev := ev.(type) {
 		case *client.SyncedEvent:
 			mu.Lock()
@@ -66,10 +65,11 @@ func cmdInbox(ctx context.Context, st streams, args []string) error {
 			out.handle(ev)
 		}
 	}
-	c, err := client.New(cfg)
+	c, eng, err := p.newClient(ctx, st, store, handler)
 	if err != nil {
 		return err
 	}
+	defer eng.Close()
 	defer c.Close()
 	timer := time.AfterFunc(*timeout, func() {
 		mu.Lock()

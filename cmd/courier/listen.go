@@ -40,8 +40,7 @@ func cmdListen(ctx context.Context, st streams, args []string) error {
 	defer store.Close()
 
 	out := &sink{store: store, pr: newPrinter(st.out, *asJSON), errw: st.err}
-	cfg := p.clientConfig(st, store)
-	cfg.Handler = func(ev client.Event) {
+	handler := func(ev client.Event) {
 		switch ev := ev.(type) {
 		case *client.ConnectionEvent:
 			fmt.Fprintf(st.err, "courier: %s\n", connection(ev, p.creds.Server))
@@ -51,10 +50,11 @@ func cmdListen(ctx context.Context, st streams, args []string) error {
 			out.handle(ev)
 		}
 	}
-	c, err := client.New(cfg)
+	c, eng, err := p.newClient(ctx, st, store, handler)
 	if err != nil {
 		return err
 	}
+	defer eng.Close()
 	defer c.Close()
 	// Remembered now, made on every connection.
 	if err := c.Subscribe(ctx, watch...); err != nil {

@@ -1,6 +1,8 @@
 package main
 
 import (
+	"cmp"
+	"context"
 	"encoding/json"
 	"errors"
 	"flag"
@@ -14,12 +16,14 @@ import (
 	"time"
 
 	"github.com/courier-im/courier/client"
+	"github.com/courier-im/courier/client/e2e"
 	"github.com/courier-im/courier/client/localstore"
 )
 
 // The client commands keep a device's state in a profile directory:
 // profile.json (the credentials, mode 0600) and local.db (the localstore:
-// seen ids, outbox, history).
+// seen ids, outbox, history, and the end-to-end encryption state: keys,
+// sessions, contacts).
 const (
 	profileFile = "profile.json"
 	localDBFile = "local.db"
@@ -93,6 +97,9 @@ func homeDir(flagValue string) (string, error) {
 type profile struct {
 	dir   string
 	creds client.Credentials
+	// notices, if set, is where the encryption layer's notices go rather
+	// than the command's stderr (the chat's notice line).
+	notices io.Writer
 }
 
 // loadProfile reads the profile in the directory chosen by the --home flag
@@ -186,4 +193,64 @@ func cliLogger(w io.Writer) *slog.Logger {
 		level.UnmarshalText([]byte(strings.ToUpper(v)))
 	}
 	return slog.New(slog.NewTextHandler(w, &slog.HandlerOptions{Level: level}))
+}
+
+// publishTimeout bounds the start-up key check (GET /v1/keys, and an
+// upload if needed): a server out of reach must not stop the outbox.
+const publishTimeout = 10 * time.Second
+
+// openEngine opens the profile's end-to-end encryption on store and makes
+// sure the server has its keys (identity, signed prekey, enough one-time
+// prekeys). Notices (safety number changes, undecryptable messages) are
+// printed to st.err. A server out of reach is only a warning: the outbox
+// and the sessions already made still work.
+func (p *profile) openEngine(ctx context.Context, st streams, store *localstore.Store) (*e2e.Engine, error) {
+	eng, err := e2e.Open(e2e.Config{Store: store, Credentials: p.creds, Logger: cliLogger(st.err),
+		Notify: func(n e2e.Notice) { printNotice(cmp.Or(p.notices, st.err), n) }})
+	if err != nil {
+		return nil, err
+	}
+	pctx, cancel := context.WithTimeout(ctx, publishTimeout)
+	defer cancel()
+	if err := eng.Publish(pctx); err != nil {
+		if errors.Is(err, e2e.ErrIdentityMismatch) {
+			eng.Close()
+			return nil, fmt.Errorf("%w (courier register --force, or link a new device)", err)
+		}
+		fmt.Fprintf(st.err, "courier: could not check this device's encryption keys on the server: %v\n", err)
+	}
+	return eng, nil
+}
+
+// printNotice shows what the encryption layer says the user must see;
+// a safety number change, loudly.
+func printNotice(w io.Writer, n e2e.Notice) {
+	switch n.Kind {
+	case e2e.IdentityChanged:
+		bar := strings.Repeat("!", 72)
+		fmt.Fprintf(w, "%s\n!! SAFETY NUMBER CHANGED: %s\n%s\n", bar, n.Text, bar)
+	case e2e.Resent:
+		// (DecryptFailed is shown with the message it is about.)
+		fmt.Fprintf(w, "courier: %s\n", n.Text)
+	}
+}
+
+// newClient makes the SDK client of a command: end-to-end encrypted, with
+// the profile's store (seen set, outbox, keys and sessions). Close the
+// Client, then the Engine.
+func (p *profile) newClient(ctx context.Context, st streams, store *localstore.Store, handler func(client.Event)) (*client.Client, *e2e.Engine, error) {
+	eng, err := p.openEngine(ctx, st, store)
+	if err != nil {
+		return nil, nil, err
+	}
+	cfg := p.clientConfig(st, store)
+	cfg.Handler = handler
+	cfg.Cipher = eng
+	c, err := client.New(cfg)
+	if err != nil {
+		eng.Close()
+		return nil, nil, err
+	}
+	eng.Bind(c)
+	return c, eng, nil
 }

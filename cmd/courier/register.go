@@ -7,6 +7,7 @@ import (
 	"path/filepath"
 
 	"github.com/courier-im/courier/client"
+	"github.com/courier-im/courier/client/e2e"
 )
 
 func runRegister(ctx context.Context, args []string) error {
@@ -52,5 +53,25 @@ func cmdRegister(ctx context.Context, st streams, args []string) error {
 		return fmt.Errorf("registered %s (device %d), but could not keep the credentials: %w", creds.User, creds.Device, err)
 	}
 	fmt.Fprintf(st.out, "registered %s (device %d) at %s; profile in %s\n", creds.User, creds.Device, creds.Server, dir)
+	// The device's encryption keys: made now, published now (or by the
+	// next command that reaches the server).
+	p := &profile{dir: dir, creds: creds}
+	store, err := p.openStore()
+	if err != nil {
+		return fmt.Errorf("registered, but the local store cannot be opened: %w", err)
+	}
+	defer store.Close()
+	if *force {
+		// The store may hold the replaced device's identity and sessions.
+		if err := e2e.Reset(store); err != nil {
+			return err
+		}
+	}
+	eng, err := p.openEngine(ctx, st, store)
+	if err != nil {
+		return err
+	}
+	defer eng.Close()
+	fmt.Fprintf(st.err, "end-to-end encryption keys published; compare safety numbers with 'courier verify USER'\n")
 	return nil
 }

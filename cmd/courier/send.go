@@ -36,15 +36,14 @@ func cmdSend(ctx context.Context, st streams, args []string) error {
 		return err
 	}
 	defer store.Close()
-	cfg := p.clientConfig(st, store)
 	// Messages left in the outbox by earlier runs go first; their outcomes
 	// are recorded quietly.
 	quiet := &sink{store: store, pr: newPrinter(io.Discard, false), errw: st.err}
-	cfg.Handler = quiet.handle
-	c, err := client.New(cfg)
+	c, eng, err := p.newClient(ctx, st, store, quiet.handle)
 	if err != nil {
 		return err
 	}
+	defer eng.Close()
 	defer c.Close()
 
 	sendCtx, cancel := context.WithTimeout(ctx, *timeout)
@@ -58,7 +57,8 @@ func cmdSend(ctx context.Context, st streams, args []string) error {
 			return errors.New("interrupted; the message stays in the outbox and goes with the next 'courier inbox', 'listen', 'chat' or 'send'")
 		}
 		var re *client.RefusedError
-		if errors.As(err, &re) {
+		var se *client.SealError
+		if errors.As(err, &re) || errors.As(err, &se) {
 			store.DropUnsent(sent.ClientMsgID)
 		}
 		return err
