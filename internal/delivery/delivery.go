@@ -18,6 +18,7 @@ import (
 	"strconv"
 	"time"
 
+	"google.golang.org/protobuf/encoding/protowire"
 	"google.golang.org/protobuf/proto"
 
 	"github.com/courier-im/courier/internal/accounts"
@@ -150,21 +151,48 @@ func (s *Service) refuse(code pb.RefusalCode, format string, args ...any) *Refus
 // a context error (the outcome is then unknown to the caller, who retries
 // with the same client message id).
 func (s *Service) Send(ctx context.Context, req SendRequest) (Accepted, error) {
+	p, err := s.StartSend(ctx, req)
+	if err != nil {
+		return Accepted{}, err
+	}
+	return p.Wait(ctx)
+}
+
+// PendingSend is a send that StartSend has ordered; Wait says how it ended.
+type PendingSend struct {
+	s       *Service
+	pending mailbox.Pending
+	items   []mailbox.Item
+	acc     Accepted
+	// waited holds Wait's result once it has been computed.
+	waited bool
+	err    error
+}
+
+// StartSend does the part of Send that orders the message: it checks the
+// request and, when the mailbox supports it (mailbox.Sequencer), returns
+// as soon as the message has its place in every addressed mailbox, after
+// every message of an earlier StartSend that returned, without waiting for
+// it to be durable; Wait does that. So a connection can start its sends one
+// after another, in the order the device sent them, and let their fsyncs
+// be shared. With a mailbox that cannot split an append, StartSend does
+// the whole append. Errors are Send's.
+func (s *Service) StartSend(ctx context.Context, req SendRequest) (*PendingSend, error) {
 	if n := len(req.ClientMsgID); n == 0 || n > MaxClientMsgID {
-		return Accepted{}, s.refuse(pb.RefusalCode_REFUSAL_CODE_INVALID, "client_msg_id must be 1 to %d bytes", MaxClientMsgID)
+		return nil, s.refuse(pb.RefusalCode_REFUSAL_CODE_INVALID, "client_msg_id must be 1 to %d bytes", MaxClientMsgID)
 	}
 	if !ident.ValidUser(req.To) {
-		return Accepted{}, s.refuse(pb.RefusalCode_REFUSAL_CODE_INVALID, "to: %v", ident.ErrBadUser)
+		return nil, s.refuse(pb.RefusalCode_REFUSAL_CODE_INVALID, "to: %v", ident.ErrBadUser)
 	}
 	if len(req.Payloads) == 0 {
-		return Accepted{}, s.refuse(pb.RefusalCode_REFUSAL_CODE_INVALID, "no payloads")
+		return nil, s.refuse(pb.RefusalCode_REFUSAL_CODE_INVALID, "no payloads")
 	}
 	if len(req.Payloads) > s.cfg.MaxPayloads {
-		return Accepted{}, s.refuse(pb.RefusalCode_REFUSAL_CODE_INVALID, "%d payloads; at most %d", len(req.Payloads), s.cfg.MaxPayloads)
+		return nil, s.refuse(pb.RefusalCode_REFUSAL_CODE_INVALID, "%d payloads; at most %d", len(req.Payloads), s.cfg.MaxPayloads)
 	}
 	for _, p := range req.Payloads {
 		if len(p.Data) > s.cfg.MaxPayload {
-			return Accepted{}, s.refuse(pb.RefusalCode_REFUSAL_CODE_PAYLOAD_TOO_LARGE,
+			return nil, s.refuse(pb.RefusalCode_REFUSAL_CODE_PAYLOAD_TOO_LARGE,
 				"payload for %s is %d bytes; the limit is %d", p.Device, len(p.Data), s.cfg.MaxPayload)
 		}
 	}
@@ -173,16 +201,16 @@ func (s *Service) Send(ctx context.Context, req SendRequest) (Accepted, error) {
 	// and every other device of the sender.
 	toDevs, err := s.cfg.Accounts.Devices(ctx, req.To)
 	if errors.Is(err, accounts.ErrNotFound) {
-		return Accepted{}, s.refuse(pb.RefusalCode_REFUSAL_CODE_UNKNOWN_RECIPIENT, "no user %q", req.To)
+		return nil, s.refuse(pb.RefusalCode_REFUSAL_CODE_UNKNOWN_RECIPIENT, "no user %q", req.To)
 	}
 	if err != nil {
-		return Accepted{}, s.storageError(err)
+		return nil, s.storageError(err)
 	}
 	fromDevs := toDevs
 	if req.From.User != req.To {
 		fromDevs, err = s.cfg.Accounts.Devices(ctx, req.From.User)
 		if err != nil {
-			return Accepted{}, s.storageError(err)
+			return nil, s.storageError(err)
 		}
 	}
 	want := make(map[ident.Device]bool, len(toDevs)+len(fromDevs))
@@ -194,7 +222,7 @@ func (s *Service) Send(ctx context.Context, req SendRequest) (Accepted, error) {
 	}
 	delete(want, req.From)
 	if len(want) == 0 {
-		return Accepted{}, s.refuse(pb.RefusalCode_REFUSAL_CODE_INVALID, "no device to deliver to (a note to self needs a second device)")
+		return nil, s.refuse(pb.RefusalCode_REFUSAL_CODE_INVALID, "no device to deliver to (a note to self needs a second device)")
 	}
 	stale := len(req.Payloads) != len(want)
 	seen := make(map[ident.Device]bool, len(req.Payloads))
@@ -211,7 +239,7 @@ func (s *Service) Send(ctx context.Context, req SendRequest) (Accepted, error) {
 		if req.From.User != req.To {
 			r.Devices = append(r.Devices, userDevices(req.From.User, fromDevs))
 		}
-		return Accepted{}, r
+		return nil, r
 	}
 
 	now := s.cfg.Now()
@@ -225,21 +253,43 @@ func (s *Service) Send(ctx context.Context, req SendRequest) (Accepted, error) {
 		ClientMsgId:  req.ClientMsgID,
 		To:           req.To,
 	}
-	items := make([]mailbox.Item, len(req.Payloads))
-	for i, p := range req.Payloads {
-		env.Payload = p.Data
-		data, err := proto.Marshal(env)
-		if err != nil {
-			return Accepted{}, fmt.Errorf("encode envelope: %w", err)
-		}
-		items[i] = mailbox.Item{Device: p.Device, Data: data}
+	items, err := messageItems(env, req.Payloads)
+	if err != nil {
+		return nil, err
 	}
-	res, err := s.cfg.Mailbox.Append(ctx, mailbox.Batch{
+	p, err := s.startAppend(ctx, mailbox.Batch{
 		Key:     "send/" + req.From.String() + "/" + req.ClientMsgID,
 		Receipt: encodeAccepted(serverID, now),
 		Items:   items,
 		Time:    now,
 	})
+	if err != nil {
+		if ctx.Err() != nil {
+			return nil, ctx.Err()
+		}
+		return nil, s.storageError(err)
+	}
+	return &PendingSend{s: s, pending: p, items: items,
+		acc: Accepted{ServerID: serverID, Time: time.UnixMilli(now.UnixMilli())}}, nil
+}
+
+// Wait returns once the message is durable (or known to be a duplicate),
+// with Send's result and errors. It may be called more than once.
+func (p *PendingSend) Wait(ctx context.Context) (Accepted, error) {
+	if p.waited {
+		return p.acc, p.err
+	}
+	acc, err := p.wait(ctx)
+	if ctx.Err() == nil || err == nil {
+		// A context error is the caller's, not the send's: not kept.
+		p.acc, p.err, p.waited = acc, err, true
+	}
+	return acc, err
+}
+
+func (p *PendingSend) wait(ctx context.Context) (Accepted, error) {
+	s := p.s
+	res, err := p.pending.Wait(ctx)
 	if err != nil {
 		if ctx.Err() != nil {
 			return Accepted{}, ctx.Err()
@@ -255,11 +305,66 @@ func (s *Service) Send(ctx context.Context, req SendRequest) (Accepted, error) {
 		return Accepted{ServerID: id, Time: t, Duplicate: true}, nil
 	}
 	s.cfg.Metrics.Accepted.Inc()
-	for _, it := range items {
+	for _, it := range p.items {
 		s.cfg.Notifier.Notify(it.Device)
 	}
-	return Accepted{ServerID: serverID, Time: time.UnixMilli(now.UnixMilli())}, nil
+	return p.acc, nil
 }
+
+// startAppend orders b in the mailbox: with mailbox.StartAppend when the
+// store has it, else with a whole Append.
+func (s *Service) startAppend(ctx context.Context, b mailbox.Batch) (mailbox.Pending, error) {
+	if sq, ok := s.cfg.Mailbox.(mailbox.Sequencer); ok {
+		return sq.StartAppend(ctx, b)
+	}
+	res, err := s.cfg.Mailbox.Append(ctx, b)
+	if err != nil {
+		return nil, err
+	}
+	return done(res), nil
+}
+
+// done is a mailbox.Pending that has already completed.
+type done mailbox.Result
+
+func (d done) Wait(context.Context) (mailbox.Result, error) { return mailbox.Result(d), nil }
+
+// messageItems encodes env once for each payload, with that payload, as
+// proto.Marshal would (byte for byte: payload is the last field a message
+// envelope sets, and Marshal writes fields in number order), but marshals
+// the rest of the envelope only once and puts every copy in one buffer,
+// which matters for a message to many devices.
+func messageItems(env *pb.Envelope, payloads []Payload) ([]mailbox.Item, error) {
+	if env.Payload != nil || env.Receipt != nil {
+		return nil, errors.New("encode envelope: messageItems needs an envelope without payload or receipt")
+	}
+	head, err := proto.Marshal(env)
+	if err != nil {
+		return nil, fmt.Errorf("encode envelope: %w", err)
+	}
+	total := 0
+	for _, p := range payloads {
+		total += len(head)
+		if len(p.Data) > 0 {
+			total += protowire.SizeTag(envelopePayloadField) + protowire.SizeBytes(len(p.Data))
+		}
+	}
+	buf := make([]byte, 0, total)
+	items := make([]mailbox.Item, len(payloads))
+	for i, p := range payloads {
+		start := len(buf)
+		buf = append(buf, head...)
+		if len(p.Data) > 0 { // proto3: an empty bytes field is not written
+			buf = protowire.AppendTag(buf, envelopePayloadField, protowire.BytesType)
+			buf = protowire.AppendBytes(buf, p.Data)
+		}
+		items[i] = mailbox.Item{Device: p.Device, Data: buf[start:len(buf):len(buf)]}
+	}
+	return items, nil
+}
+
+// envelopePayloadField is the field number of Envelope.payload.
+const envelopePayloadField = 8
 
 func (s *Service) storageError(err error) *Refusal {
 	s.cfg.Logger.Error("storage failure; refusing", "err", err)

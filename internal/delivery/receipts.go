@@ -31,19 +31,69 @@ type Delivered struct {
 // (both harmless), never a lost receipt. For entries acked without a known
 // envelope, receipts are emitted from what the delete returns.
 func (s *Service) Ack(ctx context.Context, dev ident.Device, acked []Delivered) error {
+	p, err := s.StartAck(ctx, dev, acked)
+	if err != nil {
+		return err
+	}
+	return p.Wait(ctx)
+}
+
+// PendingAck is an acknowledgement that StartAck has ordered.
+type PendingAck struct {
+	s        *Service
+	dev      ident.Device
+	acked    []Delivered
+	receipts mailbox.Pending // nil: no receipt for the known envelopes
+	notify   []mailbox.Item
+}
+
+// StartAck does the part of Ack that orders it: the DELIVERED receipts for
+// the entries whose envelope is known get their place in the senders'
+// mailboxes (see StartSend), so that the receipts of a device's successive
+// acks keep their order without each waiting for its fsync in turn. Wait
+// finishes the work: it waits for the receipts to be durable, then deletes
+// the entries. Errors are Ack's.
+func (s *Service) StartAck(ctx context.Context, dev ident.Device, acked []Delivered) (*PendingAck, error) {
 	var known []*pb.Envelope
-	seqs := make([]uint64, 0, len(acked))
-	unknown := false
 	for _, a := range acked {
-		seqs = append(seqs, a.Seq)
 		if a.Envelope != nil {
 			known = append(known, a.Envelope)
-		} else {
-			unknown = true
 		}
 	}
-	if err := s.emitDelivered(ctx, dev, known); err != nil {
-		return err
+	items, err := s.deliveredItems(ctx, dev, known)
+	if err != nil {
+		return nil, err
+	}
+	p := &PendingAck{s: s, dev: dev, acked: acked, notify: items}
+	if len(items) > 0 {
+		if p.receipts, err = s.startAppend(ctx, mailbox.Batch{Items: items, Time: s.cfg.Now()}); err != nil {
+			if ctx.Err() != nil {
+				return nil, ctx.Err()
+			}
+			return nil, s.storageError(err)
+		}
+	}
+	return p, nil
+}
+
+// Wait waits for the receipts to be durable and deletes the acked entries.
+// Call it once.
+func (p *PendingAck) Wait(ctx context.Context) error {
+	s, dev := p.s, p.dev
+	if p.receipts != nil {
+		if _, err := p.receipts.Wait(ctx); err != nil {
+			if ctx.Err() != nil {
+				return ctx.Err()
+			}
+			return s.storageError(err)
+		}
+		s.receiptsStored(p.notify, pb.ReceiptType_RECEIPT_TYPE_DELIVERED)
+	}
+	seqs := make([]uint64, 0, len(p.acked))
+	unknown := false
+	for _, a := range p.acked {
+		seqs = append(seqs, a.Seq)
+		unknown = unknown || a.Envelope == nil
 	}
 	removed, err := s.cfg.Mailbox.Delete(ctx, dev, seqs)
 	if err != nil {
@@ -53,8 +103,8 @@ func (s *Service) Ack(ctx context.Context, dev ident.Device, acked []Delivered) 
 	if !unknown {
 		return nil
 	}
-	isKnown := make(map[uint64]bool, len(acked))
-	for _, a := range acked {
+	isKnown := make(map[uint64]bool, len(p.acked))
+	for _, a := range p.acked {
 		isKnown[a.Seq] = a.Envelope != nil
 	}
 	var late []*pb.Envelope
@@ -75,6 +125,16 @@ func (s *Service) Ack(ctx context.Context, dev ident.Device, acked []Delivered) 
 // emitDelivered appends DELIVERED receipts for the messages among envs that
 // another user sent: one receipt per sender, listing its messages.
 func (s *Service) emitDelivered(ctx context.Context, by ident.Device, envs []*pb.Envelope) error {
+	items, err := s.deliveredItems(ctx, by, envs)
+	if err != nil {
+		return err
+	}
+	return s.appendReceipts(ctx, items, pb.ReceiptType_RECEIPT_TYPE_DELIVERED)
+}
+
+// deliveredItems builds the DELIVERED receipts for the messages among envs
+// that another user sent, one per sender, for every device of the sender.
+func (s *Service) deliveredItems(ctx context.Context, by ident.Device, envs []*pb.Envelope) ([]mailbox.Item, error) {
 	var order []string
 	bySender := map[string][]*pb.MessageRef{}
 	for _, env := range envs {
@@ -87,17 +147,17 @@ func (s *Service) emitDelivered(ctx context.Context, by ident.Device, envs []*pb
 		bySender[env.Sender] = append(bySender[env.Sender], &pb.MessageRef{ServerId: env.ServerId, ClientMsgId: env.ClientMsgId})
 	}
 	if len(order) == 0 {
-		return nil
+		return nil, nil
 	}
 	var items []mailbox.Item
 	for _, sender := range order {
 		it, err := s.receiptItems(ctx, by, sender, pb.ReceiptType_RECEIPT_TYPE_DELIVERED, bySender[sender])
 		if err != nil {
-			return err
+			return nil, err
 		}
 		items = append(items, it...)
 	}
-	return s.appendReceipts(ctx, items, pb.ReceiptType_RECEIPT_TYPE_DELIVERED)
+	return items, nil
 }
 
 // Read reports that the user of device by has read messages sent by sender:
@@ -169,11 +229,16 @@ func (s *Service) appendReceipts(ctx context.Context, items []mailbox.Item, typ 
 		}
 		return s.storageError(err)
 	}
+	s.receiptsStored(items, typ)
+	return nil
+}
+
+// receiptsStored counts durable receipts and tells their devices.
+func (s *Service) receiptsStored(items []mailbox.Item, typ pb.ReceiptType) {
 	s.cfg.Metrics.Receipts.WithLabelValues(receiptName(typ)).Inc()
 	for _, it := range items {
 		s.cfg.Notifier.Notify(it.Device)
 	}
-	return nil
 }
 
 func receiptName(t pb.ReceiptType) string {

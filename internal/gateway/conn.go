@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/coder/websocket"
+	nbws "github.com/lesismal/nbio/nbhttp/websocket"
 	"google.golang.org/protobuf/encoding/protowire"
 	"google.golang.org/protobuf/proto"
 
@@ -33,6 +34,10 @@ const (
 	// device to answer the close handshake; a device that does not (it is
 	// gone, or is trickling a frame to hold the connection) is cut off.
 	closeGrace = time.Second
+	// maxPipelined bounds the Send and Ack frames of one connection whose
+	// storage work is under way at once (see pipeline.go); the reader
+	// stops reading while that many are.
+	maxPipelined = 64
 )
 
 // conn is one device connection.
@@ -40,7 +45,7 @@ type conn struct {
 	g   *Gateway
 	dev ident.Device
 	ws  *websocket.Conn
-	log *slog.Logger
+	id  uint64 // names the connection in logs (see logger)
 
 	ctx    context.Context // cancelled when the connection ends
 	cancel context.CancelFunc
@@ -60,27 +65,64 @@ type conn struct {
 	inflight map[uint64]*pb.Envelope // delivered, not yet acked (payloads dropped)
 
 	watching []string // guarded by g.mu
+
+	pipe pipeline
+
+	// The reader's shared context for storage work (see opContext).
+	opCtx     context.Context
+	opRenew   time.Time
+	opCancels [3]context.CancelFunc // newest first
+
+	// wtimer bounds each write (see writeRaw); wexpired records that it
+	// fired.
+	wtimer   *time.Timer
+	wexpired atomic.Bool
+
+	// The epoll transport's state (epoll.go); nb is nil on the goroutine
+	// transport.
+	nb *nbws.Conn
+	ev *epollState
 }
 
 func newConn(g *Gateway, dev ident.Device, ws *websocket.Conn) *conn {
-	ctx, cancel := context.WithCancel(context.Background())
+	// On the epoll transport nothing waits on the context (the pump makes
+	// one for each run), so an idle connection does not hold one.
+	ctx, cancel := context.Background(), context.CancelFunc(noCancel)
+	if g.ep == nil {
+		ctx, cancel = context.WithCancel(context.Background())
+	}
 	c := &conn{
 		g:        g,
 		dev:      dev,
 		ws:       ws,
-		log:      g.log.With("device", dev.String(), "conn", connSeq.Add(1)),
+		id:       connSeq.Add(1),
 		ctx:      ctx,
 		cancel:   cancel,
-		wake:     make(chan struct{}, 1),
-		out:      make(chan *pb.ServerFrame, outQueue),
 		closed:   make(chan struct{}),
 		inflight: map[uint64]*pb.Envelope{},
+	}
+	if g.ep == nil {
+		// The goroutine transport's writer; the epoll transport has none.
+		c.wake = make(chan struct{}, 1)
+		c.out = make(chan *pb.ServerFrame, outQueue)
 	}
 	c.lastRead.Store(time.Now().UnixNano())
 	return c
 }
 
+func noCancel() {}
+
+// logger returns the connection's logger. It is made when needed rather
+// than kept: an idle connection would otherwise hold its attributes.
+func (c *conn) logger() *slog.Logger {
+	return c.g.log.With("device", c.dev.String(), "conn", c.id)
+}
+
 func (c *conn) poke() {
+	if c.ev != nil {
+		c.pumpPoke()
+		return
+	}
 	select {
 	case c.wake <- struct{}{}:
 	default:
@@ -90,18 +132,34 @@ func (c *conn) poke() {
 // closeWith ends the connection, telling the device why (code 0: say
 // nothing, the peer has gone).
 func (c *conn) closeWith(code pb.ErrorCode, msg string, ws websocket.StatusCode, retryAfter time.Duration) {
+	now := false
 	c.closeOnce.Do(func() {
 		if code != pb.ErrorCode_ERROR_CODE_UNSPECIFIED {
 			c.closeErr = &pb.Error{Code: code, Message: msg, RetryAfterMs: retryAfter.Milliseconds()}
 		}
 		c.closeCode = ws
 		close(c.closed)
+		now = true
 	})
+	if now && c.ev != nil {
+		// The epoll transport has no writer to notice: say why and close
+		// here (nothing in it blocks).
+		c.evFinish()
+	}
+}
+
+// closeNow cuts the connection off without a close handshake.
+func (c *conn) closeNow() {
+	if c.nb != nil {
+		c.nb.Conn.Close()
+		return
+	}
+	c.ws.CloseNow()
 }
 
 // run serves the connection until it ends.
 func (c *conn) run() {
-	c.log.Debug("connected")
+	c.logger().Debug("connected")
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
@@ -110,14 +168,24 @@ func (c *conn) run() {
 	c.reader()
 	c.closeWith(0, "", websocket.StatusNormalClosure, 0)
 	<-done
+	// Storage work the device started finishes before the connection is
+	// gone (its replies are dropped), as it did when the reader did it.
+	c.pipe.wait()
+	c.releaseOps()
 	c.cancel()
-	c.log.Debug("disconnected")
+	c.logger().Debug("disconnected")
 }
 
 // reply queues a frame that answers a client frame. Replies are never
 // dropped: if the writer cannot keep up for WriteTimeout, the device is not
 // reading and the connection is closed.
 func (c *conn) reply(f *pb.ServerFrame) {
+	if c.ev != nil {
+		// Written at once (nbio buffers what the socket does not take);
+		// a device that does not read is cut off by the write deadline.
+		c.write(f)
+		return
+	}
 	select {
 	case c.out <- f:
 		return
@@ -136,10 +204,14 @@ func (c *conn) reply(f *pb.ServerFrame) {
 // event queues an ephemeral frame (presence, typing); it is dropped if the
 // device is not keeping up, since such events are never stored anyway.
 func (c *conn) event(f *pb.ServerFrame) {
+	if c.ev != nil {
+		c.write(f)
+		return
+	}
 	select {
 	case c.out <- f:
 	default:
-		c.log.Debug("event dropped: connection not keeping up")
+		c.logger().Debug("event dropped: connection not keeping up")
 	}
 }
 
@@ -183,7 +255,7 @@ func (c *conn) reader() {
 			c.closeWith(pb.ErrorCode_ERROR_CODE_FRAME_TOO_LARGE, "frame larger than the limit", websocket.StatusMessageTooBig, 0)
 			return
 		}
-		c.frame(typ, buf.Bytes())
+		c.startFrame(typ, buf.Bytes())
 		if buf.Cap() > 64<<10 {
 			buf = bytes.Buffer{} // do not keep a large buffer for an idle connection
 		}
@@ -192,8 +264,17 @@ func (c *conn) reader() {
 
 // frame decodes and handles one message from the device, of at most
 // MaxFrame bytes: everything the connection does with a frame once it is
-// read (the fuzz tests drive this without a socket).
+// read, including the storage work the reader leaves to the pipeline (the
+// fuzz tests drive this without a socket).
 func (c *conn) frame(typ websocket.MessageType, data []byte) {
+	c.startFrame(typ, data)
+	c.pipe.wait()
+}
+
+// startFrame is frame without waiting for the pipeline: what the reader
+// does, so that it can read the next frame while this one's storage work
+// is under way.
+func (c *conn) startFrame(typ websocket.MessageType, data []byte) {
 	if typ != websocket.MessageBinary {
 		c.replyError(0, pb.ErrorCode_ERROR_CODE_MALFORMED, "frames are binary protobuf ClientFrame messages")
 		return
@@ -261,10 +342,39 @@ func (c *conn) handle(f *pb.ClientFrame) {
 	}
 }
 
+// opContext returns the context for the storage work of one frame, and a
+// function to call when the work is done. Storage work for a frame is not
+// cut short when the connection drops: an append half-way to durable should
+// finish and be found by the retry. It is bounded by opTimeout: by between
+// two thirds of it and all of it, since a context (and its timer) is shared
+// by the frames of up to opTimeout/3, rather than made for each frame. Only
+// the reader calls it.
 func (c *conn) opContext() (context.Context, context.CancelFunc) {
-	// Storage work for a frame is not cut short when the connection drops:
-	// an append half-way to durable should finish and be found by the retry.
-	return context.WithTimeout(context.WithoutCancel(c.ctx), opTimeout)
+	now := time.Now()
+	if c.opCtx == nil || now.After(c.opRenew) {
+		// A context handed out until opRenew may be in use until it
+		// expires, opTimeout after it was made: by the time a third one
+		// replaces this one, the one it pushes out has expired.
+		ctx, cancel := context.WithDeadline(context.WithoutCancel(c.ctx), now.Add(opTimeout))
+		if old := c.opCancels[len(c.opCancels)-1]; old != nil {
+			old()
+		}
+		copy(c.opCancels[1:], c.opCancels[:len(c.opCancels)-1])
+		c.opCancels[0] = cancel
+		c.opCtx, c.opRenew = ctx, now.Add(opTimeout/3)
+	}
+	return c.opCtx, func() {}
+}
+
+// releaseOps releases the storage contexts once no frame uses them.
+func (c *conn) releaseOps() {
+	for i, cancel := range c.opCancels {
+		if cancel != nil {
+			cancel()
+			c.opCancels[i] = nil
+		}
+	}
+	c.opCtx = nil
 }
 
 func (c *conn) handleSend(id uint64, s *pb.Send) {
@@ -277,20 +387,33 @@ func (c *conn) handleSend(id uint64, s *pb.Send) {
 		}
 		req.Payloads = append(req.Payloads, delivery.Payload{Device: ident.Device{User: d.User, ID: d.Device}, Data: p.Payload})
 	}
-	ctx, cancel := c.opContext()
-	acc, err := c.g.cfg.Delivery.Send(ctx, req)
-	cancel()
-	if err != nil {
-		var r *delivery.Refusal
-		if !errors.As(err, &r) {
-			c.log.Error("send failed", "err", err)
-			r = &delivery.Refusal{Code: pb.RefusalCode_REFUSAL_CODE_STORAGE_UNAVAILABLE, Message: "could not store the message; retry", RetryAfter: delivery.StorageRetryAfter}
-		}
-		c.refuse(id, r)
+	// The send is ordered here, on the reader, so that the device's sends
+	// reach each mailbox in the order it sent them; waiting for it to be
+	// durable and answering is left to the pipeline, so that the next send
+	// can be ordered meanwhile and share the fsync.
+	if !c.pipe.acquire(c.closed) {
 		return
 	}
-	c.answer(&pb.ServerFrame{Id: id, Body: &pb.ServerFrame_Accepted{Accepted: &pb.Accepted{
-		ServerId: acc.ServerID, ServerTimeMs: acc.Time.UnixMilli(), Duplicate: acc.Duplicate}}})
+	ctx, cancel := c.opContext()
+	p, err := c.g.cfg.Delivery.StartSend(ctx, req)
+	c.pipe.then(func() {
+		defer cancel()
+		var acc delivery.Accepted
+		if err == nil {
+			acc, err = p.Wait(ctx)
+		}
+		if err != nil {
+			var r *delivery.Refusal
+			if !errors.As(err, &r) {
+				c.logger().Error("send failed", "err", err)
+				r = &delivery.Refusal{Code: pb.RefusalCode_REFUSAL_CODE_STORAGE_UNAVAILABLE, Message: "could not store the message; retry", RetryAfter: delivery.StorageRetryAfter}
+			}
+			c.refuse(id, r)
+			return
+		}
+		c.answer(&pb.ServerFrame{Id: id, Body: &pb.ServerFrame_Accepted{Accepted: &pb.Accepted{
+			ServerId: acc.ServerID, ServerTimeMs: acc.Time.UnixMilli(), Duplicate: acc.Duplicate}}})
+	})
 }
 
 func (c *conn) refuse(id uint64, r *delivery.Refusal) {
@@ -314,21 +437,33 @@ func (c *conn) handleAck(id uint64, a *pb.Ack) {
 		}
 	}
 	c.mu.Unlock()
-	if len(acked) > 0 {
-		ctx, cancel := c.opContext()
-		err := c.g.cfg.Delivery.Ack(ctx, c.dev, acked)
-		cancel()
+	// Ordered here (the receipts of successive acks keep their order),
+	// finished by the pipeline, like a send, so that replies to sends and
+	// acks come in frame order.
+	if !c.pipe.acquire(c.closed) {
+		return
+	}
+	if len(acked) == 0 {
+		c.pipe.then(func() { c.replyOk(id) })
+		return
+	}
+	ctx, cancel := c.opContext()
+	p, err := c.g.cfg.Delivery.StartAck(ctx, c.dev, acked)
+	c.pipe.then(func() {
+		defer cancel()
+		if err == nil {
+			err = p.Wait(ctx)
+		}
+		c.poke()
 		if err != nil {
 			// The entries stay in the mailbox and come again on the next
 			// connection.
-			c.log.Error("ack failed", "err", err)
+			c.logger().Error("ack failed", "err", err)
 			c.replyError(id, pb.ErrorCode_ERROR_CODE_INTERNAL, "ack not recorded; the entries will be delivered again")
-			c.poke()
 			return
 		}
-		c.poke()
-	}
-	c.replyOk(id)
+		c.replyOk(id)
+	})
 }
 
 func (c *conn) handleRead(id uint64, r *pb.Read) {
@@ -339,7 +474,7 @@ func (c *conn) handleRead(id uint64, r *pb.Read) {
 		var ref *delivery.Refusal
 		switch {
 		case !errors.As(err, &ref):
-			c.log.Error("read report failed", "err", err)
+			c.logger().Error("read report failed", "err", err)
 			c.replyError(id, pb.ErrorCode_ERROR_CODE_INTERNAL, "read report not recorded; retry")
 		case ref.Code == pb.RefusalCode_REFUSAL_CODE_UNKNOWN_RECIPIENT:
 			c.replyError(id, pb.ErrorCode_ERROR_CODE_UNKNOWN_USER, ref.Message)
@@ -375,7 +510,7 @@ func (c *conn) handleSubscribe(id uint64, s *pb.Subscribe) {
 			return
 		}
 		if err != nil {
-			c.log.Error("presence lookup", "err", err)
+			c.logger().Error("presence lookup", "err", err)
 			c.replyError(id, pb.ErrorCode_ERROR_CODE_INTERNAL, "presence unavailable; retry")
 			return
 		}
@@ -462,7 +597,7 @@ func (c *conn) writer() {
 				entries, err := cfg.Mailbox.Read(c.ctx, c.dev, c.lastSent.Load(), want)
 				if err != nil {
 					if c.ctx.Err() == nil {
-						c.log.Error("mailbox read", "err", err)
+						c.logger().Error("mailbox read", "err", err)
 						c.closeWith(pb.ErrorCode_ERROR_CODE_INTERNAL, "mailbox unavailable; reconnect later", websocket.StatusInternalError, delivery.StorageRetryAfter)
 					}
 					return
@@ -472,7 +607,7 @@ func (c *conn) writer() {
 					if err := proto.Unmarshal(e.Data, env); err != nil {
 						// Cannot happen unless the store is corrupt; skip the
 						// entry rather than wedge the mailbox, and say so.
-						c.log.Error("undecodable mailbox entry skipped", "seq", e.Seq, "err", err)
+						c.logger().Error("undecodable mailbox entry skipped", "seq", e.Seq, "err", err)
 						c.lastSent.Store(e.Seq)
 						continue
 					}
@@ -545,23 +680,47 @@ func (c *conn) finish() {
 	c.cancel() // unblocks the reader
 }
 
+// writeExpired ends a connection whose write took longer than WriteTimeout.
+// Cancelling the reader's context closes the socket (the WebSocket library
+// does that for a context that ends during a read), and CloseNow does when
+// the reader is not reading; either way the write fails.
+func (c *conn) writeExpired() {
+	c.wexpired.Store(true)
+	c.cancel()
+	c.ws.CloseNow()
+}
+
 func (c *conn) write(f *pb.ServerFrame) bool {
 	b, err := proto.Marshal(f)
 	if err != nil {
-		c.log.Error("encode frame", "err", err)
+		c.logger().Error("encode frame", "err", err)
 		return false
 	}
 	return c.writeRaw(b)
 }
 
+// writeRaw writes one frame, within WriteTimeout. The timeout is one timer
+// per connection, reset for each write, rather than a context with a timer
+// for each: when it fires it does what the WebSocket library does when a
+// write's context expires, close the connection, which fails the write.
 func (c *conn) writeRaw(b []byte) bool {
-	ctx, cancel := context.WithTimeout(context.Background(), c.g.cfg.WriteTimeout)
-	err := c.ws.Write(ctx, websocket.MessageBinary, b)
-	cancel()
+	if c.ev != nil {
+		return c.evWrite(b)
+	}
+	if c.wtimer == nil {
+		c.wtimer = time.AfterFunc(c.g.cfg.WriteTimeout, c.writeExpired)
+	} else {
+		c.wtimer.Reset(c.g.cfg.WriteTimeout)
+	}
+	err := c.ws.Write(context.Background(), websocket.MessageBinary, b)
+	if !c.wtimer.Stop() && err == nil {
+		// Fired as the write completed; the connection is being closed.
+		err = errors.New("write timed out")
+	}
 	if err != nil {
-		if ctx.Err() != nil {
+		if c.wexpired.Load() {
 			c.closeWith(0, "", CloseSlowConsumer, 0)
-			c.log.Info("slow consumer: write timed out; closing", "timeout", c.g.cfg.WriteTimeout)
+			c.logger().Info("slow consumer: write timed out; closing", "timeout", c.g.cfg.WriteTimeout)
 		} else {
 			c.closeWith(0, "", websocket.StatusNormalClosure, 0)
 		}

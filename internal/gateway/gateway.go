@@ -3,17 +3,20 @@
 // order (pending entries first, then live ones), takes acks, read reports,
 // presence subscriptions and typing, and closes connections with a reason.
 //
-// Each connection has a reader goroutine (frames from the device) and a
-// writer goroutine (mailbox entries, replies and events to the device). The
-// mailbox is the source of truth: the writer reads it from the last seq it
-// sent whenever it is told there is something new, so live delivery and
-// catch-up after a reconnect are the same code path, and order is mailbox
-// order.
+// On the default transport each connection has a reader goroutine (frames
+// from the device) and a writer goroutine (mailbox entries, replies and
+// events to the device); on the epoll transport (epoll.go) an idle
+// connection has neither, and nbio's event loops and worker pool run the
+// same frame handling. The mailbox is the source of truth: the writer (or
+// the epoll transport's pump) reads it from the last seq it sent whenever
+// it is told there is something new, so live delivery and catch-up after a
+// reconnect are the same code path, and order is mailbox order.
 package gateway
 
 import (
 	"context"
 	"errors"
+	"fmt"
 	"log/slog"
 	"math/rand/v2"
 	"net/http"
@@ -67,6 +70,13 @@ type Config struct {
 	// source address (auth.SourceAddr: the IP, or an IPv6 /64); more are
 	// refused with 429 rate_limited. Zero or negative means no cap.
 	MaxConnsPerAddr int
+	// Cluster, if set, links this gateway to the other nodes (see
+	// cluster.go); nil means a single node.
+	Cluster Cluster
+	// Transport is how connections are served once upgraded:
+	// TransportGoroutine (the default: a reader and a writer goroutine
+	// each) or TransportEpoll (an event loop; see epoll.go).
+	Transport string
 }
 
 // Defaults for Config fields left zero.
@@ -83,6 +93,7 @@ type Gateway struct {
 
 	mu       sync.Mutex
 	conns    map[ident.Device]*conn
+	sessions map[*conn]string              // connection -> session id (with Cluster)
 	online   map[string]int                // user -> connected devices
 	watchers map[string]map[*conn]struct{} // user -> subscribers of its presence
 	addrs    map[string]int                // source address -> connections (with MaxConnsPerAddr)
@@ -90,10 +101,23 @@ type Gateway struct {
 	wg       sync.WaitGroup
 
 	stop chan struct{} // closed on Shutdown
+
+	ep       *epoll // the epoll transport, if chosen
+	stopOnce sync.Once
 }
 
-// New returns a Gateway.
+// New returns a Gateway. It panics if the gateway cannot start, which only
+// the epoll transport can fail to do: Open reports that as an error.
 func New(cfg Config) *Gateway {
+	g, err := Open(cfg)
+	if err != nil {
+		panic(err)
+	}
+	return g
+}
+
+// Open returns a Gateway, with its transport started.
+func Open(cfg Config) (*Gateway, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
@@ -116,13 +140,25 @@ func New(cfg Config) *Gateway {
 		cfg:      cfg,
 		log:      cfg.Logger,
 		conns:    map[ident.Device]*conn{},
+		sessions: map[*conn]string{},
 		online:   map[string]int{},
 		watchers: map[string]map[*conn]struct{}{},
 		addrs:    map[string]int{},
 		stop:     make(chan struct{}),
 	}
+	switch cfg.Transport {
+	case "", TransportGoroutine:
+	case TransportEpoll:
+		ep, err := newEpoll(g)
+		if err != nil {
+			return nil, err
+		}
+		g.ep = ep
+	default:
+		return nil, fmt.Errorf("gateway: unknown transport %q (want %q or %q)", cfg.Transport, TransportGoroutine, TransportEpoll)
+	}
 	go g.idleSweeper()
-	return g
+	return g, nil
 }
 
 // Notify tells the connection of dev, if any, that its mailbox has new
@@ -158,7 +194,14 @@ func (g *Gateway) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			Message: "too many connections from this address", RetryAfterMs: AddrRetryAfter.Milliseconds()})
 		return
 	}
-	defer g.release(addr)
+	// The address is released when the connection ends: here, or, for a
+	// connection handed to the epoll transport, when that one ends.
+	handedOver := false
+	defer func() {
+		if !handedOver {
+			g.release(addr)
+		}
+	}()
 	dev, err := g.cfg.Auth.Authenticate(r.Context(), r)
 	if err != nil {
 		switch {
@@ -182,16 +225,41 @@ func (g *Gateway) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		apierr.Write(w, http.StatusServiceUnavailable, apierr.Detail{Code: "shutting_down", Message: "this server is shutting down; reconnect elsewhere"})
 		return
 	}
+	// In a cluster the device is registered in the session directory
+	// before it is accepted, so that the workers find it from its first
+	// frame on, and a directory that cannot be reached refuses it with a
+	// retry rather than leaving it unreachable.
+	session := ""
+	if g.cfg.Cluster != nil {
+		session = newSessionID()
+		ctx, cancel := context.WithTimeout(r.Context(), clusterTimeout)
+		err := g.cfg.Cluster.Register(ctx, dev, session)
+		cancel()
+		if err != nil {
+			g.log.Error("register the session in the directory", "device", dev, "err", err)
+			g.cfg.Metrics.Connects.WithLabelValues("directory_unavailable").Inc()
+			w.Header().Set("Retry-After", "5")
+			apierr.Write(w, http.StatusServiceUnavailable, apierr.Detail{Code: "unavailable",
+				Message: "the session directory is unavailable; retry", RetryAfterMs: 5000})
+			return
+		}
+	}
+	if g.ep != nil {
+		handedOver = g.ep.accept(w, r, dev, session, addr)
+		return
+	}
 	ws, err := websocket.Accept(w, r, &websocket.AcceptOptions{CompressionMode: websocket.CompressionDisabled})
 	if err != nil {
 		g.cfg.Metrics.Connects.WithLabelValues("handshake_failed").Inc()
+		g.clusterUnregister(dev, session)
 		return // Accept has written the HTTP error
 	}
 	// The reader enforces MaxFrame itself so that it can say why it closes.
 	ws.SetReadLimit(-1)
 	c := newConn(g, dev, ws)
-	if !g.register(c) {
+	if !g.registerSession(c, session) {
 		g.cfg.Metrics.Connects.WithLabelValues("shutting_down").Inc()
+		g.clusterUnregister(dev, session)
 		ws.Close(websocket.StatusGoingAway, "shutting down")
 		return
 	}
@@ -229,7 +297,11 @@ func (g *Gateway) release(addr string) {
 }
 
 // register makes c the connection of its device, superseding an older one.
-func (g *Gateway) register(c *conn) bool {
+func (g *Gateway) register(c *conn) bool { return g.registerSession(c, "") }
+
+// registerSession is register for a connection registered in the cluster's
+// directory as session (empty without a cluster).
+func (g *Gateway) registerSession(c *conn, session string) bool {
 	g.mu.Lock()
 	if g.closing {
 		g.mu.Unlock()
@@ -238,6 +310,9 @@ func (g *Gateway) register(c *conn) bool {
 	g.wg.Add(1)
 	old := g.conns[c.dev]
 	g.conns[c.dev] = c
+	if session != "" {
+		g.sessions[c] = session
+	}
 	if old == nil {
 		g.online[c.dev.User]++
 	}
@@ -247,10 +322,28 @@ func (g *Gateway) register(c *conn) bool {
 		g.log.Info("device connected again; closing the older connection", "device", c.dev)
 		old.closeWith(pb.ErrorCode_ERROR_CODE_SUPERSEDED, "this device connected again elsewhere", CloseSuperseded, 0)
 	}
-	if cameOnline {
+	// In a cluster, presence changes come from the directory (for every
+	// node's devices, this one's included).
+	if cameOnline && g.cfg.Cluster == nil {
 		g.publishPresence(&pb.Presence{User: c.dev.User, Online: true})
 	}
 	return true
+}
+
+// clusterUnregister removes a session from the directory (no-op without a
+// cluster) and reports whether that took the user offline.
+func (g *Gateway) clusterUnregister(dev ident.Device, session string) bool {
+	if g.cfg.Cluster == nil || session == "" {
+		return false
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), clusterTimeout)
+	defer cancel()
+	off, err := g.cfg.Cluster.Unregister(ctx, dev, session)
+	if err != nil {
+		// The registration expires after its TTL instead.
+		g.log.Warn("unregister the session from the directory", "device", dev, "err", err)
+	}
+	return off
 }
 
 func (g *Gateway) unregister(c *conn) {
@@ -264,6 +357,8 @@ func (g *Gateway) unregister(c *conn) {
 			}
 		}
 	}
+	session := g.sessions[c]
+	delete(g.sessions, c)
 	wentOffline := false
 	if g.conns[c.dev] == c {
 		delete(g.conns, c.dev)
@@ -274,6 +369,11 @@ func (g *Gateway) unregister(c *conn) {
 		}
 	}
 	g.mu.Unlock()
+	if g.cfg.Cluster != nil {
+		// The directory knows whether the user is still connected through
+		// another node; it publishes the offline event itself.
+		wentOffline = g.clusterUnregister(c.dev, session)
+	}
 	if wentOffline {
 		now := time.Now()
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
@@ -281,7 +381,9 @@ func (g *Gateway) unregister(c *conn) {
 			g.log.Warn("record last seen", "user", c.dev.User, "err", err)
 		}
 		cancel()
-		g.publishPresence(&pb.Presence{User: c.dev.User, Online: false, LastSeenMs: now.UnixMilli()})
+		if g.cfg.Cluster == nil {
+			g.publishPresence(&pb.Presence{User: c.dev.User, Online: false, LastSeenMs: now.UnixMilli()})
+		}
 	}
 }
 
@@ -299,6 +401,9 @@ func (g *Gateway) publishPresence(p *pb.Presence) {
 
 // presenceOf returns the current presence of user (who must exist).
 func (g *Gateway) presenceOf(ctx context.Context, user string) (*pb.Presence, error) {
+	if g.cfg.Cluster != nil {
+		return g.clusterPresence(ctx, user)
+	}
 	g.mu.Lock()
 	online := g.online[user] > 0
 	g.mu.Unlock()
@@ -316,8 +421,43 @@ func (g *Gateway) presenceOf(ctx context.Context, user string) (*pb.Presence, er
 	return p, nil
 }
 
-// typing relays a typing indicator to the connected devices of to.
+// clusterPresence is presenceOf from the directory: online anywhere in
+// the cluster, and the later of the directory's and the account's last
+// seen.
+func (g *Gateway) clusterPresence(ctx context.Context, user string) (*pb.Presence, error) {
+	u, err := g.cfg.Accounts.User(ctx, user) // the user must exist
+	if err != nil {
+		return nil, err
+	}
+	online, seen, err := g.cfg.Cluster.Presence(ctx, user)
+	if err != nil {
+		return nil, err
+	}
+	if online {
+		return &pb.Presence{User: user, Online: true}, nil
+	}
+	if u.LastSeen.After(seen) {
+		seen = u.LastSeen
+	}
+	p := &pb.Presence{User: user}
+	if !seen.IsZero() {
+		p.LastSeenMs = seen.UnixMilli()
+	}
+	return p, nil
+}
+
+// typing relays a typing indicator to the connected devices of to, here
+// and, in a cluster, on the other nodes.
 func (g *Gateway) typing(from ident.Device, to string, typing bool) {
+	g.localTyping(from, to, typing)
+	if g.cfg.Cluster != nil {
+		g.cfg.Cluster.Typing(from, to, typing)
+	}
+}
+
+// localTyping relays a typing indicator to the devices of to connected to
+// this gateway.
+func (g *Gateway) localTyping(from ident.Device, to string, typing bool) {
 	ev := &pb.ServerFrame{Body: &pb.ServerFrame_Typing{Typing: &pb.TypingEvent{From: from.User, FromDevice: from.ID, Typing: typing}}}
 	g.mu.Lock()
 	var targets []*conn
@@ -382,14 +522,23 @@ func (g *Gateway) Shutdown(ctx context.Context) error {
 	go func() { g.wg.Wait(); close(done) }()
 	select {
 	case <-done:
+		g.stopTransport()
 		return nil
 	case <-ctx.Done():
 		g.mu.Lock()
 		for _, c := range g.conns {
-			c.ws.CloseNow()
+			c.closeNow()
 		}
 		g.mu.Unlock()
+		g.stopTransport()
 		return ctx.Err()
+	}
+}
+
+// stopTransport stops the epoll transport's event loops, if any.
+func (g *Gateway) stopTransport() {
+	if g.ep != nil {
+		g.stopOnce.Do(g.ep.engine.Stop)
 	}
 }
 

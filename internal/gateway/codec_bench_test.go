@@ -1,0 +1,56 @@
+package gateway
+
+import (
+	"testing"
+
+	"google.golang.org/protobuf/proto"
+
+	pb "github.com/courier-im/courier/proto/courier/v1"
+)
+
+// The frame codec on the hot path, per message: decoding a Send from the
+// sender, encoding its Accepted, decoding the receiver's Ack (Deliver is
+// BenchmarkAppendDeliver).
+//
+//	go test -run '^$' -bench 'DecodeSend|EncodeAccepted|DecodeAck|AppendDeliver' -benchmem -count 6 ./internal/gateway/
+
+func BenchmarkDecodeSend(b *testing.B) {
+	data, err := proto.Marshal(&pb.ClientFrame{Id: 12345, Body: &pb.ClientFrame_Send{Send: &pb.Send{
+		ClientMsgId: "0123456789abcdef", To: "bob",
+		Payloads: []*pb.DevicePayload{{Device: &pb.DeviceAddress{User: "bob", Device: 1}, Payload: make([]byte, 64)}}}}})
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.ReportAllocs()
+	for b.Loop() {
+		var f pb.ClientFrame
+		if err := proto.Unmarshal(data, &f); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
+func BenchmarkDecodeAck(b *testing.B) {
+	data, err := proto.Marshal(&pb.ClientFrame{Id: 7, Body: &pb.ClientFrame_Ack{Ack: &pb.Ack{Seqs: []uint64{123456}}}})
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.ReportAllocs()
+	for b.Loop() {
+		var f pb.ClientFrame
+		if err := proto.Unmarshal(data, &f); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
+func BenchmarkEncodeAccepted(b *testing.B) {
+	b.ReportAllocs()
+	for b.Loop() {
+		f := &pb.ServerFrame{Id: 12345, Body: &pb.ServerFrame_Accepted{Accepted: &pb.Accepted{
+			ServerId: "01KAR7Q1X6N2Z8M3VJ4T0E5W9C", ServerTimeMs: 1700000000000}}}
+		if _, err := proto.Marshal(f); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
