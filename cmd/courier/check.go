@@ -5,10 +5,13 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"os"
+	"os/exec"
 	"path/filepath"
+	"strings"
 	"time"
 
 	"github.com/courier-im/courier/internal/accounts"
@@ -26,12 +29,19 @@ func runCheck(ctx context.Context, args []string) error {
 		fmt.Fprintf(fs.Output(), "usage: courier check [flags]\n\nRuns a randomised conversation of real clients against a server, records every\nsend, acceptance, delivery and receipt, and checks that every accepted message\nreached every addressed device exactly once, in order, with receipts only\nmoving forward. Exits non-zero on any violation, printing the events concerned.\n\nflags:\n")
 		fs.PrintDefaults()
 	}
-	url := fs.String("server", "", "base `URL` of the server to check (default: start one in-process in a temporary directory)")
+	url := fs.String("server", "", "base `URL` of the server to check, or of a cluster's api (with --gateways) (default: start one in-process in a temporary directory)")
+	gateways := fs.String("gateways", "", "with --server: comma-separated base `URLs` of a cluster's gateways (as deploy/local-cluster.sh prints); the checker fronts them, WebSockets to the gateways in turn, the rest to --server")
 	users := fs.Int("users", 6, "how many users converse")
 	messages := fs.Int("messages", 300, "how many messages to send in all")
 	duration := fs.Duration("duration", 2*time.Minute, "cap on the sending phase")
 	seed := fs.Uint64("seed", uint64(time.Now().UnixNano()), "seed of the conversation's random choices")
 	restarts := fs.Int("restarts", 0, "restart the in-process server this many times during the run (not with --server)")
+	kills := fs.Int("kill", 0, "run the server as a child process (courier serve) and kill it with SIGKILL this many times at random moments of the run, restarting it on the same data and port (not with --server)")
+	killDelay := fs.Duration("kill-delay", 100*time.Millisecond, "with --kill: each kill comes at a random moment up to this long after its point in the conversation")
+	stalled := fs.Int("stalled", 0, "devices that never ack (their handler blocks) until the conversation is over, then reconnect and ack; without --server, the server runs as a child process and its heap and goroutines are printed at the stalled peak")
+	slow := fs.Int("slow", 0, "devices that take --slow-delay over each message they read")
+	slowDelay := fs.Duration("slow-delay", 5*time.Millisecond, "with --slow: time a slow device takes over each message")
+	bodySize := fs.Int("body-size", 0, "pad message bodies to this many bytes")
 	reconnect := fs.Float64("reconnect-rate", 0.05, "chance that a device reconnects (as a new client) before each of its sends")
 	read := fs.Float64("read-rate", 0.2, "chance that a device marks what it got read after each of its sends")
 	verbose := fs.Bool("v", false, "print progress")
@@ -42,11 +52,64 @@ func runCheck(ctx context.Context, args []string) error {
 		return fmt.Errorf("unexpected arguments %q", fs.Args())
 	}
 	cfg := checker.Config{Server: *url, Users: *users, DevicesPerUser: 1, Messages: *messages, Seed: *seed, Duration: *duration,
-		ReconnectRate: rateFlag(*reconnect), ReadRate: rateFlag(*read)}
+		ReconnectRate: rateFlag(*reconnect), ReadRate: rateFlag(*read),
+		Stalled: *stalled, SlowReaders: *slow, SlowDelay: *slowDelay, BodySize: *bodySize}
 	if *verbose {
 		cfg.Logf = func(format string, a ...any) { fmt.Fprintf(os.Stderr, format+"\n", a...) }
 	}
-	if *url == "" {
+	if *gateways != "" {
+		if *url == "" {
+			return errors.New("--gateways needs --server (the api's URL)")
+		}
+		f, err := checker.StartFront(*url, strings.Split(*gateways, ","))
+		if err != nil {
+			return err
+		}
+		defer f.Close()
+		cfg.Server = f.URL
+		fmt.Printf("fronting api %s and gateways %s at %s\n", *url, *gateways, f.URL)
+	}
+	if *kills > 0 && (*url != "" || *restarts > 0) {
+		return errors.New("--kill runs its own child server: not with --server or --restarts")
+	}
+	if *stalled > 0 && *url == "" && *restarts > 0 {
+		return errors.New("--stalled runs the server as a child process: use --kill rather than --restarts")
+	}
+	var proc *checker.Process
+	var driver *checker.Driver // set before the run; StalledPeak reads its History
+	if *kills > 0 || (*stalled > 0 && *url == "") {
+		p, err := startKillServer(ctx, *verbose)
+		if err != nil {
+			return err
+		}
+		defer func() {
+			p.Stop()
+			os.RemoveAll(p.Dir)
+		}()
+		proc = p
+		cfg.Server = p.URL()
+		cfg.DevicesPerUser = 2
+		cfg.AddDevice = addDeviceIn(p.Dir)
+		cfg.Faults = *kills
+		cfg.Fault = p.KillFault(*seed, *killDelay)
+		if *stalled > 0 {
+			names := []string{"go_memstats_heap_inuse_bytes", "go_goroutines"}
+			before, err := p.Metrics(ctx, names...)
+			if err != nil {
+				return err
+			}
+			fmt.Printf("server before the run: heap in use %.1f MiB, %d goroutines\n",
+				before[names[0]]/(1<<20), int(before[names[1]]))
+			cfg.StalledPeak = func(ctx context.Context) error {
+				m, err := p.Metrics(ctx, names...)
+				if err == nil {
+					fmt.Printf("server with %d devices stalled and %d deliveries owed: heap in use %.1f MiB, %d goroutines\n",
+						*stalled, driver.History().Outstanding(), m[names[0]]/(1<<20), int(m[names[1]]))
+				}
+				return err
+			}
+		}
+	} else if *url == "" {
 		srv, err := startCheckServer()
 		if err != nil {
 			return err
@@ -67,6 +130,7 @@ func runCheck(ctx context.Context, args []string) error {
 	if err != nil {
 		return err
 	}
+	driver = d
 	res, err := d.Run(ctx)
 	if err != nil {
 		return err
@@ -74,6 +138,9 @@ func runCheck(ctx context.Context, args []string) error {
 	st := res.Stats
 	fmt.Printf("sends %d, accepted %d, delivered %d, duplicates shown %d, receipts %d, reconnects %d, in %v\n",
 		st.Sends, st.Accepted, st.Deliveries, st.Duplicates, st.Receipts, res.Reconnects, res.Elapsed.Round(time.Millisecond))
+	if proc != nil {
+		fmt.Printf("SIGKILLs survived %d\n", proc.Kills())
+	}
 	fmt.Printf("violations %d\n", len(res.Violations))
 	if len(res.Violations) > 0 {
 		checker.Report(os.Stdout, res.Violations)
@@ -145,7 +212,44 @@ func (s *checkServer) stop() {
 // addDevice adds a device to user directly in the account store, next to
 // the running server.
 func (s *checkServer) addDevice(ctx context.Context, user string) (uint32, string, error) {
-	st, err := sqlite.Open(filepath.Join(s.dir, "accounts.db"), sqlite.Options{})
+	return addDeviceIn(s.dir)(ctx, user)
+}
+
+// startKillServer starts "courier serve" (this executable) as a child
+// process on a temporary data directory, for --kill.
+func startKillServer(ctx context.Context, verbose bool) (*checker.Process, error) {
+	exe, err := os.Executable()
+	if err != nil {
+		return nil, err
+	}
+	dir, err := os.MkdirTemp("", "courier-check-")
+	if err != nil {
+		return nil, err
+	}
+	var out io.Writer
+	if verbose {
+		out = os.Stderr
+	}
+	p, err := checker.StartProcess(ctx, dir, func(dir, addr string) *exec.Cmd {
+		return exec.Command(exe, "serve", "--addr", addr, "--data", dir, "--min-free-bytes", "1", "--log-level", "warn")
+	}, out)
+	if err != nil {
+		os.RemoveAll(dir)
+		return nil, err
+	}
+	return p, nil
+}
+
+// addDeviceIn returns an AddDevice hook that adds a device to a user
+// directly in the account store in dir, next to the running server.
+func addDeviceIn(dir string) func(ctx context.Context, user string) (uint32, string, error) {
+	return func(ctx context.Context, user string) (uint32, string, error) {
+		return addDeviceAt(ctx, dir, user)
+	}
+}
+
+func addDeviceAt(ctx context.Context, dir, user string) (uint32, string, error) {
+	st, err := sqlite.Open(filepath.Join(dir, "accounts.db"), sqlite.Options{})
 	if err != nil {
 		return 0, "", err
 	}

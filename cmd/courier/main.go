@@ -1,6 +1,7 @@
 // Command courier is the one courier binary: the server (serve), the
 // terminal client (register, send, inbox, listen, read, chat, devices,
-// whoami), and the delivery checker (check).
+// whoami, verify, search; end-to-end encrypted), the delivery checker
+// (check) and the load bench (bench).
 package main
 
 import (
@@ -28,10 +29,13 @@ var commands = map[string]command{
 	"chat":     {runChat, "interactive terminal chat: courier chat USER"},
 	"devices":  {runDevices, "list a user's devices"},
 	"whoami":   {runWhoami, "print this profile's user, device and server"},
+	"verify":   {runVerify, "show the safety number with a user; --mark verified, --accept a change"},
+	"search":   {runSearch, "full-text search of this profile's messages: courier search WORDS"},
 	"check":    {runCheck, "soak-test delivery: real clients against a server; every message must arrive exactly once, in order"},
+	"bench":    {runBench, "load scenarios (conns, pairs, fanout, drain, storm): throughput, latency, memory per connection, 0 lost"},
 }
 
-var order = []string{"serve", "register", "send", "inbox", "listen", "read", "chat", "devices", "whoami", "check"}
+var order = []string{"serve", "register", "send", "inbox", "listen", "read", "chat", "devices", "whoami", "verify", "search", "check", "bench"}
 
 func usage() {
 	fmt.Fprintf(os.Stderr, "usage: courier COMMAND [flags] [args]\n\ncommands:\n")

@@ -175,6 +175,14 @@ func (h *History) Check() []Violation {
 				// its later deliveries and reports line up.
 				m.serverID = e.ServerID
 				bySID[e.ServerID] = m
+			} else {
+				// The message was accepted (or first delivered) under
+				// another server id: the server stored it twice.
+				evs := append(eventsOf(m), relatedSID[e.ServerID]...)
+				sort.SliceStable(evs, func(i, j int) bool { return evs[i].Seq < evs[j].Seq })
+				out = append(out, Violation{Kind: Conflict,
+					Detail: fmt.Sprintf("%s/%s (sid %s) reached %s as sid %s: stored twice", m.key.from, m.key.cmid, m.serverID, e.Device, e.ServerID),
+					Events: evs})
 			}
 		}
 		if shown[m] == nil {

@@ -1,6 +1,7 @@
 package checker
 
 import (
+	"bytes"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
@@ -48,6 +49,23 @@ type Config struct {
 	// devices go on sending. A test restarts the server there.
 	Faults int
 	Fault  func(ctx context.Context, n int) error
+
+	// Stalled devices (the last ones made) send nothing and never ack:
+	// their Handler blocks on the first message, so the server's window of
+	// unacknowledged entries fills and the rest waits in their mailboxes.
+	// After the conversation, StalledPeak (if set) is called while they
+	// are still stalled (a test measures the server's memory there); then
+	// each is released, disconnects, and comes back as a new Client that
+	// gets and acks everything. At most Users-2 devices may stall.
+	Stalled     int
+	StalledPeak func(ctx context.Context) error
+	// SlowReaders devices (the first ones made) take SlowDelay over each
+	// message they are handed, so they read and ack slowly; they send as
+	// usual. SlowDelay 0 means 5 ms.
+	SlowReaders int
+	SlowDelay   time.Duration
+	// BodySize pads every message body to at least this many bytes.
+	BodySize int
 
 	// Logf, if set, gets progress lines.
 	Logf func(format string, args ...any)
@@ -99,6 +117,15 @@ func NewDriver(cfg Config) (*Driver, error) {
 	if cfg.Messages < 0 {
 		return nil, errors.New("checker: negative Messages")
 	}
+	if cfg.Stalled < 0 || cfg.Stalled > cfg.Users-2 {
+		return nil, errors.New("checker: Stalled must be between 0 and Users-2")
+	}
+	if cfg.SlowReaders < 0 || cfg.BodySize < 0 || cfg.SlowDelay < 0 {
+		return nil, errors.New("checker: negative SlowReaders, SlowDelay or BodySize")
+	}
+	if cfg.SlowDelay == 0 {
+		cfg.SlowDelay = 5 * time.Millisecond
+	}
 	if cfg.Duration <= 0 {
 		cfg.Duration = 2 * time.Minute
 	}
@@ -141,7 +168,13 @@ type device struct {
 	unread map[string][]client.MessageRef // by sender user
 
 	reconnects, reads int
-	supersedes        atomic.Int64 // Runs ended by ErrSuperseded, restarted
+	// stall, when not nil, blocks the handler until closed (a stalled
+	// device; released records the close); slow is the time the handler
+	// takes over each message.
+	stall      chan struct{}
+	released   bool
+	slow       time.Duration
+	supersedes atomic.Int64 // Runs ended by ErrSuperseded, restarted
 	// connected is whether the current incarnation's connection is up;
 	// abandoned, whether the previous incarnation was ended while it was
 	// not (dialling, or waiting to redial).
@@ -184,6 +217,14 @@ func (o *recordingOutbox) Pending() ([]client.OutboxMessage, error) {
 
 func (dv *device) handle(ev client.Event) {
 	h := dv.d.hist
+	if _, ok := ev.(*client.MessageEvent); ok {
+		if dv.stall != nil {
+			<-dv.stall
+		}
+		if dv.slow > 0 {
+			time.Sleep(dv.slow)
+		}
+	}
 	switch ev := ev.(type) {
 	case *client.MessageEvent:
 		h.Delivered(dv.self, client.Device{User: ev.From, ID: ev.FromDevice}, ev.ServerID, ev.ClientMsgID, ev.Body, ev.Sync)
@@ -200,6 +241,17 @@ func (dv *device) handle(ev client.Event) {
 		}
 		h.Receipt(dv.self, ev.Message.ServerID, ev.Status)
 	}
+}
+
+// release unblocks a stalled device's handler; it reports whether the
+// device was stalled until now.
+func (dv *device) release() bool {
+	if dv.stall == nil || dv.released {
+		return false
+	}
+	close(dv.stall)
+	dv.released = true
+	return true
 }
 
 // connect makes a new Client incarnation and starts its Run.
@@ -289,8 +341,11 @@ func (dv *device) converse(ctx context.Context, accepted *atomic.Int64, progress
 			}
 			dv.reconnects++
 		}
-		body := fmt.Sprintf("%s #%d to %s", dv.self, k, to)
-		sent, err := dv.cl.Send(ctx, to, []byte(body))
+		body := []byte(fmt.Sprintf("%s #%d to %s", dv.self, k, to))
+		if pad := dv.d.cfg.BodySize - len(body); pad > 0 {
+			body = append(body, bytes.Repeat([]byte{'.'}, pad)...)
+		}
+		sent, err := dv.cl.Send(ctx, to, body)
 		if err != nil {
 			if ctx.Err() != nil {
 				return nil // the conversation's time is up; the outbox goes on
@@ -367,9 +422,21 @@ func (d *Driver) Run(ctx context.Context) (*Result, error) {
 		d.hist.SetDevices(users[i], ids)
 	}
 
+	// The first SlowReaders devices read slowly; the last Stalled ones
+	// stall, and send nothing.
+	for i, dv := range devs {
+		if i < cfg.SlowReaders {
+			dv.slow = cfg.SlowDelay
+		}
+		if i >= len(devs)-cfg.Stalled {
+			dv.stall = make(chan struct{})
+		}
+	}
+	senders := devs[:len(devs)-cfg.Stalled]
+
 	// The plan: who sends to whom, in order.
 	for range cfg.Messages {
-		from := devs[rng.IntN(len(devs))]
+		from := senders[rng.IntN(len(senders))]
 		to := users[rng.IntN(len(users)-1)]
 		if to == from.self.User {
 			to = users[len(users)-1]
@@ -384,6 +451,7 @@ func (d *Driver) Run(ctx context.Context) (*Result, error) {
 	}
 	defer func() {
 		for _, dv := range devs {
+			dv.release()
 			dv.disconnect()
 		}
 	}()
@@ -423,6 +491,28 @@ func (d *Driver) Run(ctx context.Context) (*Result, error) {
 		return nil, runErr
 	}
 	cfg.Logf("checker: conversation over: %d accepted in %v; waiting for delivery", accepted.Load(), time.Since(start).Round(time.Millisecond))
+
+	// Stalled devices: measure, then release them and have them come back.
+	if cfg.Stalled > 0 {
+		if cfg.StalledPeak != nil {
+			if err := cfg.StalledPeak(ctx); err != nil {
+				return nil, fmt.Errorf("checker: at the stalled peak: %w", err)
+			}
+		}
+		for _, dv := range devs {
+			if !dv.release() {
+				continue
+			}
+			if err := dv.disconnect(); err != nil {
+				return nil, fmt.Errorf("checker: %s: %w", dv.self, err)
+			}
+			if err := dv.connect(); err != nil {
+				return nil, fmt.Errorf("checker: %s: %w", dv.self, err)
+			}
+			dv.reconnects++
+		}
+		cfg.Logf("checker: %d stalled devices released and reconnected", cfg.Stalled)
+	}
 
 	// Quiesce: everyone is connected; wait until nothing is owed. Sends
 	// whose Send gave up at the time cap may still be accepted meanwhile

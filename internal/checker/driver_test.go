@@ -92,9 +92,41 @@ func TestDriverConfig(t *testing.T) {
 		{Server: "http://127.0.0.1:1", Users: 3, DevicesPerUser: 2},
 		{Server: "http://127.0.0.1:1", Users: 3, DevicesPerUser: 3},
 		{Server: "http://127.0.0.1:1", Users: 3, Faults: 1},
+		{Server: "http://127.0.0.1:1", Users: 3, Stalled: 2},
+		{Server: "http://127.0.0.1:1", Users: 3, Stalled: -1},
+		{Server: "http://127.0.0.1:1", Users: 3, BodySize: -1},
 	} {
 		if _, err := checker.NewDriver(cfg); err == nil {
 			t.Errorf("NewDriver(%+v) accepted a bad config", cfg)
 		}
+	}
+}
+
+// TestCheckerThroughFront runs a conversation through a Front (the stand-in
+// for a cluster's load balancer) whose api and gateways are one server:
+// registration, HTTP sends and WebSockets all go through the proxy.
+func TestCheckerThroughFront(t *testing.T) {
+	srv := servertest.Start(t)
+	f, err := checker.StartFront(srv.URL, []string{srv.URL, srv.URL})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	front := *srv
+	front.URL = f.URL
+	run(t, &front, checker.Config{
+		Users:          4,
+		DevicesPerUser: 2,
+		Messages:       150,
+		Seed:           9,
+		ReconnectRate:  0.05,
+		ReadRate:       0.3,
+		Duration:       90 * time.Second,
+	})
+	if _, err := checker.StartFront("::bad", []string{srv.URL}); err == nil {
+		t.Error("StartFront accepted a bad api URL")
+	}
+	if _, err := checker.StartFront(srv.URL, nil); err == nil {
+		t.Error("StartFront accepted no gateways")
 	}
 }

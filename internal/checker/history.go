@@ -30,6 +30,16 @@
 // (a test restarts the server there). After the conversation, every
 // client stays connected until every accepted message has been delivered
 // everywhere it should (or a deadline passes), and the History is checked.
+// Some devices can be made to read slowly, or to stall (never ack) until
+// the conversation is over and then come back (Config.SlowReaders,
+// Config.Stalled).
+//
+// Process runs the server under test as a child process on a data
+// directory and port, and can kill it with SIGKILL and start it again;
+// Process.KillFault is a Fault hook doing that at a random moment, and
+// Process.Metrics reads the child's /metrics. Front stands in for a
+// cluster's load balancer (WebSockets to the gateways, the rest to the api)
+// so that the SDK's single server URL can point at a cluster.
 package checker
 
 import (
@@ -300,7 +310,7 @@ type Stats struct {
 	Sends      int // distinct send attempts
 	Accepted   int // distinct accepted messages
 	Deliveries int // distinct (message, device) deliveries
-	Duplicates int // deliveries shown more than once (beyond the first)
+	Duplicates int // deliveries shown more than once (beyond the first), by sender device and client message id, whatever their server ids
 	Receipts   int // receipt events other than "sent"
 }
 
@@ -310,6 +320,11 @@ func (h *History) Stats() Stats {
 	sends := map[msgKey]bool{}
 	acc := map[string]bool{}
 	dels := map[string]devSet{}
+	type shownKey struct {
+		msg msgKey
+		at  client.Device
+	}
+	shown := map[shownKey]bool{}
 	for _, e := range h.Events() {
 		switch e.Kind {
 		case KindSend:
@@ -322,12 +337,15 @@ func (h *History) Stats() Stats {
 				d = devSet{}
 				dels[e.ServerID] = d
 			}
-			if d[e.Device] {
-				st.Duplicates++
-			} else {
+			if !d[e.Device] {
 				d[e.Device] = true
 				st.Deliveries++
 			}
+			k := shownKey{msgKey{e.From, e.ClientMsgID}, e.Device}
+			if shown[k] {
+				st.Duplicates++
+			}
+			shown[k] = true
 		case KindReceipt:
 			if e.Status != client.StatusSent {
 				st.Receipts++

@@ -274,8 +274,9 @@ func TestAuthzPresenceOfUnknownUsers(t *testing.T) {
 	ac.quiet(func(f *pb.ServerFrame) bool { return f.GetPresence() != nil })
 }
 
-// There is no endpoint that adds (or removes) a device, for one's own
-// account or another's; registration cannot take over an existing name.
+// There is no endpoint that adds (or removes) a device of another account
+// (POST /v1/devices links a device to the caller's own account only: see
+// keys_test.go); registration cannot take over an existing name.
 func TestAuthzNoWayToAddADeviceToAnotherAccount(t *testing.T) {
 	t.Parallel()
 	s := authzServer(t)
@@ -284,7 +285,7 @@ func TestAuthzNoWayToAddADeviceToAnotherAccount(t *testing.T) {
 	for _, a := range []account{mallory, alice, {}} {
 		for _, p := range []struct{ method, path string }{
 			{"POST", "/v1/users/alice/devices"}, {"PUT", "/v1/users/alice/devices"}, {"PUT", "/v1/users/alice/devices/2"},
-			{"POST", "/v1/users/alice/devices/2"}, {"DELETE", "/v1/users/alice/devices/1"}, {"POST", "/v1/devices"},
+			{"POST", "/v1/users/alice/devices/2"}, {"DELETE", "/v1/users/alice/devices/1"},
 			{"POST", "/v1/accounts/alice/devices"}, {"POST", "/v1/users/alice/link"}, {"PATCH", "/v1/users/alice"},
 		} {
 			if st := doJSON(t, s.URL, p.method, p.path, a, body, nil); st != http.StatusNotFound && st != http.StatusMethodNotAllowed {
@@ -310,9 +311,9 @@ func TestAuthzNoWayToAddADeviceToAnotherAccount(t *testing.T) {
 }
 
 // A removed device's credential no longer authenticates. A connection the
-// device already had stays open, though: removal does not reach open
-// connections (there is no device-removal API yet; servertest removes in
-// the account store directly). This test pins that behaviour so that it
+// device already had stays open, though: removal (DELETE /v1/devices/{id},
+// or here servertest in the account store directly) does not reach open
+// connections. This test pins that behaviour so that it
 // is a decision, not an accident: when removal starts closing connections,
 // change the second half.
 func TestAuthzRemovedDevice(t *testing.T) {

@@ -1,6 +1,8 @@
-// Package server wires courier's single-node server: the embedded backends
-// (a Pebble mailbox and a SQLite account store in the data directory), the
-// delivery service, the WebSocket gateway and the HTTP API, on one port.
+// Package server wires a courier node: the backends (embedded: a Pebble
+// mailbox and a SQLite account store in the data directory; or, in a
+// cluster, JetStream, PostgreSQL and Redis, see cluster.go), the delivery
+// service, the WebSocket gateway, the HTTP API and the delivery worker, on
+// one port, for the roles the process plays.
 package server
 
 import (
@@ -26,6 +28,7 @@ import (
 	"github.com/courier-im/courier/internal/delivery"
 	"github.com/courier-im/courier/internal/gateway"
 	"github.com/courier-im/courier/internal/ident"
+	"github.com/courier-im/courier/internal/keys"
 	"github.com/courier-im/courier/internal/mailbox"
 	"github.com/courier-im/courier/internal/mailbox/pebble"
 	"github.com/courier-im/courier/internal/metrics"
@@ -59,6 +62,9 @@ type Config struct {
 	// per device (zero fields mean auth's defaults: 10 failures, then one
 	// a second; a negative Burst turns the limits off).
 	AuthFailures auth.LimitConfig
+	// KeyFetches limits prekey bundle fetches per requesting device (zero
+	// fields mean keys' defaults; a negative Burst turns the limit off).
+	KeyFetches keys.LimitConfig
 	// MaxConnsPerAddr caps the WebSocket connections from one source
 	// address (an IP; for IPv6 a /64). Zero means DefaultMaxConnsPerAddr;
 	// negative means no cap.
@@ -68,11 +74,18 @@ type Config struct {
 	ReadHeaderTimeout time.Duration
 	BodyTimeout       time.Duration
 	Logger            *slog.Logger
+	// Transport serves the WebSocket connections once upgraded:
+	// gateway.TransportGoroutine (the default) or gateway.TransportEpoll.
+	Transport string
 
 	// Mailbox and Accounts, when set, are used instead of the embedded
 	// backends in DataDir (the Server then does not close them).
 	Mailbox  mailbox.Store
 	Accounts accounts.Store
+
+	// Cluster makes the server one node of a cluster (see cluster.go);
+	// the zero value is a single node on embedded backends.
+	Cluster ClusterConfig
 }
 
 // Defaults.
@@ -132,6 +145,7 @@ func (c *Config) setDefaults() {
 	if c.Logger == nil {
 		c.Logger = slog.New(slog.DiscardHandler)
 	}
+	c.Cluster.setDefaults()
 }
 
 // Verify reports every problem with the configuration at once.
@@ -156,9 +170,15 @@ func (c *Config) Verify() error {
 		errs = append(errs, fmt.Errorf("read header timeout %v / body timeout %v / auth failure interval %v: want positive",
 			c.ReadHeaderTimeout, c.BodyTimeout, c.AuthFailures.Every))
 	}
+	switch c.Transport {
+	case "", gateway.TransportGoroutine, gateway.TransportEpoll:
+	default:
+		errs = append(errs, fmt.Errorf("transport %q: want %q or %q", c.Transport, gateway.TransportGoroutine, gateway.TransportEpoll))
+	}
 	if _, _, err := net.SplitHostPort(c.Addr); err != nil {
 		errs = append(errs, fmt.Errorf("addr %q: %v", c.Addr, err))
 	}
+	errs = append(errs, c.Cluster.verify()...)
 	return errors.Join(errs...)
 }
 
@@ -179,6 +199,8 @@ type Server struct {
 	stopErr   error
 	expirerWG sync.WaitGroup
 	stop      chan struct{}
+
+	cl clusterState
 }
 
 // New opens the backends and builds the server. It does not listen yet.
@@ -195,7 +217,12 @@ func New(cfg Config) (*Server, error) {
 		}
 	}()
 	s.mailbox, s.accounts = cfg.Mailbox, cfg.Accounts
-	if s.mailbox == nil || s.accounts == nil {
+	if err := s.openCluster(); err != nil {
+		return nil, err
+	}
+	// A worker-only process has no use for an account store.
+	needAccounts := cfg.Cluster.Roles.Gateway || cfg.Cluster.Roles.API
+	if s.mailbox == nil || (s.accounts == nil && needAccounts) {
 		if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
 			return nil, fmt.Errorf("data directory: %w", err)
 		}
@@ -208,13 +235,18 @@ func New(cfg Config) (*Server, error) {
 		s.mailbox = mb
 		s.owned = append(s.owned, mb.Close)
 	}
-	if s.accounts == nil {
+	if s.accounts == nil && needAccounts {
 		ac, err := sqlite.Open(filepath.Join(cfg.DataDir, "accounts.db"), sqlite.Options{Logger: cfg.Logger})
 		if err != nil {
 			return nil, fmt.Errorf("open accounts: %w", err)
 		}
 		s.accounts = ac
 		s.owned = append(s.owned, ac.Close)
+	}
+
+	keyStore, hasKeys := s.accounts.(accounts.KeyStore)
+	if !hasKeys && needAccounts {
+		return nil, fmt.Errorf("the account store %T keeps no prekeys (accounts.KeyStore)", s.accounts)
 	}
 
 	s.registry = prometheus.NewRegistry()
@@ -234,21 +266,41 @@ func New(cfg Config) (*Server, error) {
 		Mailbox: s.mailbox, Accounts: s.accounts, Notifier: &notify, Metrics: m, Logger: cfg.Logger,
 		MaxPayload: cfg.MaxPayload, MaxPayloads: cfg.MaxPayloads,
 	})
-	s.gateway = gateway.New(gateway.Config{
+	gw, err := gateway.Open(gateway.Config{
 		Accounts: s.accounts, Mailbox: s.mailbox, Delivery: svc, Auth: authn, Metrics: m, Logger: cfg.Logger,
 		IdleTimeout: cfg.IdleTimeout, WriteTimeout: cfg.WriteTimeout, MaxConnsPerAddr: cfg.MaxConnsPerAddr,
+		Cluster: s.gatewayCluster(), Transport: cfg.Transport,
 	})
+	if err != nil {
+		return nil, fmt.Errorf("gateway: %w", err)
+	}
+	s.gateway = gw
 	notify.to = s.gateway
 
+	keySvc := keys.New(keys.Config{Store: keyStore, Mailbox: s.mailbox, Notifier: &notify, FetchLimit: cfg.KeyFetches, Logger: cfg.Logger})
+
 	mux := http.NewServeMux()
-	api.New(api.Config{Accounts: s.accounts, Delivery: svc, Auth: authn, Logger: cfg.Logger, Draining: s.gateway.Draining,
-		BodyTimeout: cfg.BodyTimeout}).Register(mux)
-	mux.Handle("GET /v1/ws", s.gateway)
+	apiSvc := api.New(api.Config{Accounts: s.accounts, Delivery: svc, Auth: authn, Keys: keySvc, Logger: cfg.Logger, Draining: s.draining,
+		Ready: s.ready, BodyTimeout: cfg.BodyTimeout})
+	if cfg.Cluster.Roles.API {
+		apiSvc.Register(mux)
+	} else {
+		apiSvc.RegisterHealth(mux)
+	}
+	if cfg.Cluster.Roles.Gateway {
+		mux.Handle("GET /v1/ws", s.gateway)
+	}
 	mux.Handle("GET /metrics", promhttp.HandlerFor(s.registry, promhttp.HandlerOpts{Registry: s.registry}))
 	s.handler = mux
 
-	s.expirerWG.Add(1)
-	go s.expirer()
+	if err := s.startCluster(); err != nil {
+		return nil, err
+	}
+	// A JetStream mailbox expires entries itself (the stream's MaxAge).
+	if s.cl.js == nil {
+		s.expirerWG.Add(1)
+		go s.expirer()
+	}
 	ok = true
 	return s, nil
 }
@@ -316,6 +368,7 @@ func (s *Server) Run(ctx context.Context, ready func(net.Addr)) error {
 // whose appends are already durable. It is safe to call more than once.
 func (s *Server) Shutdown(ctx context.Context) error {
 	s.stopOnce.Do(func() {
+		s.cl.stopping.Store(true)
 		var errs []error
 		gwErr := s.gateway.Shutdown(ctx)
 		s.mu.Lock()

@@ -42,7 +42,9 @@ type Option func(*server.Config)
 func Start(t testing.TB, opts ...Option) *Server {
 	t.Helper()
 	dir := t.TempDir()
-	cfg := server.Config{DataDir: filepath.Join(dir, "data"), Logger: Logger(), MinFreeBytes: 1}
+	cfg := server.Config{DataDir: filepath.Join(dir, "data"), Logger: Logger(), MinFreeBytes: 1,
+		// COURIER_TEST_TRANSPORT runs a suite on another gateway transport.
+		Transport: os.Getenv("COURIER_TEST_TRANSPORT")}
 	for _, o := range opts {
 		o(&cfg)
 	}
