@@ -1,0 +1,298 @@
+package bench
+
+import (
+	"net"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/lesismal/nbio"
+	"google.golang.org/protobuf/proto"
+
+	pb "github.com/courier-im/courier/proto/courier/v1"
+)
+
+// client is one bench device and its current connection. It behaves as a
+// real client would: it acks every delivery (messages and receipts, one
+// Ack per read batch), answers WebSocket pings, and heartbeats with
+// protocol Pings. All its callbacks run on the event loop.
+type client struct {
+	// Connection and parser state, under mu.
+	mu        sync.Mutex
+	nc        *nbio.Conn
+	rbuf      []byte
+	frag      []byte
+	closing   bool
+	closeCode int
+	acks      []uint64 // seqs to ack once the current read batch is parsed
+	ackKeys   []uint64 // message keys among them (confirm mode)
+	credits   int      // sends answered in this batch (closed loop)
+	synced    bool     // Synced seen in this batch
+	confirms  map[uint64][]uint64
+
+	r      *run
+	acct   *account
+	src    net.IP
+	epoch  uint32       // connection number, from 1 (written by the dialer under mu)
+	hintMs atomic.Int64 // retry_after_ms of the last closing Error
+	up     atomic.Bool
+	nextID atomic.Uint64
+	// holdAcks: deliveries are recorded but not acked (a phone that dies
+	// before acking).
+	holdAcks atomic.Bool
+	snd      *sender      // non-nil for a sending device
+	attempt  atomic.Int32 // reconnect attempts since the last success
+	expect   int          // storm: messages this device must get acked
+}
+
+// Frame ids: a Send's id is its message number + 1, so the reply names the
+// message without a table; every other request uses the high half.
+const otherIDs = 1 << 63
+
+func (c *client) otherID() uint64 { return otherIDs | c.nextID.Add(1) }
+
+// onData runs on the event loop for bytes read from the connection.
+func (c *client) onData(data []byte) {
+	c.mu.Lock()
+	c.parseLocked(data)
+	c.mu.Unlock()
+	c.flushAcks()
+}
+
+// flushAcks sends the batch's Ack and runs what the batch unblocked.
+func (c *client) flushAcks() {
+	c.mu.Lock()
+	acks, keys, credits, synced := c.acks, c.ackKeys, c.credits, c.synced
+	c.acks, c.ackKeys, c.credits, c.synced = c.acks[:0], c.ackKeys[:0], 0, false
+	var id uint64
+	if len(acks) > 0 && c.r.confirmAcks {
+		id = c.otherID()
+		if c.confirms == nil {
+			c.confirms = map[uint64][]uint64{}
+		}
+		c.confirms[id] = append([]uint64(nil), keys...)
+	}
+	if len(acks) > 0 {
+		c.sendLocked(&pb.ClientFrame{Id: id, Body: &pb.ClientFrame_Ack{Ack: &pb.Ack{Seqs: acks}}})
+	}
+	if cap(c.acks) > 256 {
+		c.acks, c.ackKeys = nil, nil // do not keep a large batch's buffer on an idle device
+	}
+	c.mu.Unlock()
+	if synced {
+		if !c.up.Swap(true) {
+			c.r.up.Add(1)
+		}
+		c.attempt.Store(0)
+		if c.r.onSynced != nil {
+			c.r.onSynced(c)
+		}
+	}
+	if credits > 0 && c.snd != nil {
+		c.snd.answered(c, credits)
+	}
+}
+
+var framePoolPB = sync.Pool{New: func() any { return new(pb.ServerFrame) }}
+
+// onMessageLocked handles one ServerFrame.
+func (c *client) onMessageLocked(msg []byte) {
+	f := framePoolPB.Get().(*pb.ServerFrame)
+	defer func() { f.Reset(); framePoolPB.Put(f) }()
+	if err := proto.Unmarshal(msg, f); err != nil {
+		c.r.count("undecodable_frames", 1)
+		return
+	}
+	switch b := f.Body.(type) {
+	case *pb.ServerFrame_Hello:
+	case *pb.ServerFrame_Synced:
+		c.synced = true
+	case *pb.ServerFrame_Deliver:
+		c.deliverLocked(b.Deliver)
+	case *pb.ServerFrame_Accepted:
+		if c.snd != nil && f.Id > 0 && f.Id < otherIDs {
+			c.r.ledger.markAccepted(c.snd.stream, uint32(f.Id-1))
+			c.credits++
+		}
+	case *pb.ServerFrame_Refused:
+		c.r.count("refused_"+b.Refused.Code.String(), 1)
+		if c.snd != nil && f.Id > 0 && f.Id < otherIDs {
+			c.snd.retry(c, uint32(f.Id-1), time.Duration(b.Refused.RetryAfterMs)*time.Millisecond)
+		}
+	case *pb.ServerFrame_Ok:
+		if keys, ok := c.confirms[f.Id]; ok {
+			delete(c.confirms, f.Id)
+			for _, k := range keys {
+				c.r.ledger.markConfirmed(k)
+			}
+			c.r.confirmedAcks.Add(int64(len(keys)))
+		}
+	case *pb.ServerFrame_Pong:
+		c.r.pongs.Add(1)
+	case *pb.ServerFrame_Error:
+		c.r.count("error_"+b.Error.Code.String(), 1)
+		if b.Error.RetryAfterMs > 0 {
+			c.hintMs.Store(b.Error.RetryAfterMs)
+		}
+	}
+}
+
+func (c *client) deliverLocked(d *pb.Deliver) {
+	e := d.GetEnvelope()
+	hold := c.holdAcks.Load()
+	switch e.GetKind() {
+	case pb.EnvelopeKind_ENVELOPE_KIND_MESSAGE:
+		key, sent, ok := parsePayload(e.GetPayload())
+		if !ok {
+			c.r.ledger.unexpected.Add(1)
+			break
+		}
+		if c.r.ledger.markDelivered(key, c.epoch) {
+			c.r.lat.record(time.Duration(time.Now().UnixNano() - sent))
+			c.r.lastDelivery.Store(time.Now().UnixNano())
+		}
+		if !hold {
+			c.ackKeys = append(c.ackKeys, key)
+		}
+	case pb.EnvelopeKind_ENVELOPE_KIND_RECEIPT:
+		if e.GetReceipt().GetType() == pb.ReceiptType_RECEIPT_TYPE_DELIVERED {
+			c.r.receipts.Add(int64(len(e.GetReceipt().GetMessages())))
+		}
+	}
+	if !hold {
+		c.acks = append(c.acks, d.Seq)
+	}
+}
+
+func (c *client) epochNow() uint32 {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.epoch
+}
+
+// send encodes and writes a client frame.
+func (c *client) send(f *pb.ClientFrame) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.sendLocked(f)
+}
+
+func (c *client) sendLocked(f *pb.ClientFrame) error {
+	b, err := proto.MarshalOptions{}.MarshalAppend(nil, f)
+	if err != nil {
+		return err
+	}
+	return c.writeFrameLocked(opBinary, b)
+}
+
+// ping sends a protocol Ping (the heartbeat that keeps the server's idle
+// timer from firing).
+func (c *client) ping() {
+	if !c.up.Load() {
+		return
+	}
+	c.send(&pb.ClientFrame{Id: c.otherID(), Body: &pb.ClientFrame_Ping{Ping: &pb.Ping{ClientTimeMs: time.Now().UnixMilli()}}})
+}
+
+// failLocked closes the connection after a protocol error.
+func (c *client) failLocked(err error) {
+	c.r.count("protocol_errors", 1)
+	c.r.noteErr(err)
+	if c.nc != nil {
+		c.nc.Close()
+	}
+}
+
+// close closes the connection from the bench's side.
+func (c *client) close() {
+	c.mu.Lock()
+	nc := c.nc
+	c.mu.Unlock()
+	if nc != nil {
+		nc.Close()
+	}
+}
+
+// onClosed runs on the event loop when a connection of c ends.
+func (c *client) onClosed(nc *nbio.Conn, err error) {
+	c.mu.Lock()
+	if c.nc != nc {
+		c.mu.Unlock()
+		return
+	}
+	c.nc = nil
+	c.rbuf, c.frag, c.confirms = nil, nil, nil
+	c.acks, c.ackKeys = nil, nil
+	code := c.closeCode
+	c.closeCode, c.closing = 0, false
+	c.mu.Unlock()
+	if c.up.Swap(false) {
+		c.r.up.Add(-1)
+	}
+	if c.r.onClose != nil {
+		c.r.onClose(c, code, err)
+	}
+}
+
+// sender is a sending device's message source.
+type sender struct {
+	stream   *stream
+	targets  []*account // message n goes to targets[n % len]
+	size     int
+	inflight atomic.Int64
+	// stopAt: no new sends at or after this time (Unix nanos); 0: none
+	// until set.
+	stopAt   atomic.Int64
+	refill   bool // closed loop: each answer sends the next message
+	disabled atomic.Bool
+}
+
+// next numbers and sends a new message.
+func (s *sender) next(c *client) {
+	if s.disabled.Load() {
+		return
+	}
+	if at := s.stopAt.Load(); at != 0 && time.Now().UnixNano() >= at {
+		return
+	}
+	n := c.r.ledger.take(s.stream)
+	s.inflight.Add(1)
+	s.write(c, n)
+}
+
+func (s *sender) write(c *client, n uint32) {
+	to := s.targets[int(n)%len(s.targets)]
+	key := uint64(s.stream.id)<<32 | uint64(n)
+	bp := framePool.Get().(*[]byte)
+	payload := appendPayload((*bp)[:0], key, time.Now().UnixNano(), s.size)
+	f := &pb.ClientFrame{Id: uint64(n) + 1, Body: &pb.ClientFrame_Send{Send: &pb.Send{
+		ClientMsgId: "m" + strconv.FormatUint(uint64(n), 10),
+		To:          to.User,
+		Payloads:    []*pb.DevicePayload{{Device: &pb.DeviceAddress{User: to.User, Device: to.Device}, Payload: payload}},
+	}}}
+	if err := c.send(f); err != nil {
+		// The connection is gone; the message was never accepted and is
+		// not counted as lost. It stays "sent" for the record.
+		s.inflight.Add(-1)
+		c.r.count("send_write_errors", 1)
+	}
+	*bp = payload[:0]
+	framePool.Put(bp)
+}
+
+// answered: k sends of c were accepted.
+func (s *sender) answered(c *client, k int) {
+	s.inflight.Add(int64(-k))
+	if s.refill {
+		for range k {
+			s.next(c)
+		}
+	}
+}
+
+// retry re-sends message n (same client_msg_id) after the server's hint.
+func (s *sender) retry(c *client, n uint32, after time.Duration) {
+	c.r.count("send_retries", 1)
+	time.AfterFunc(max(after, 10*time.Millisecond), func() { s.write(c, n) })
+}
