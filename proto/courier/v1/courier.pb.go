@@ -49,6 +49,9 @@ const (
 	RefusalCode_REFUSAL_CODE_SHUTTING_DOWN RefusalCode = 6
 	// Too many sends; retry after retry_after_ms.
 	RefusalCode_REFUSAL_CODE_RATE_LIMITED RefusalCode = 7
+	// The group's membership has changed since group_version: refresh it
+	// (GET /v1/groups/{id}), hand the sender key to new members, retry.
+	RefusalCode_REFUSAL_CODE_STALE_GROUP RefusalCode = 8
 )
 
 // Enum value maps for RefusalCode.
@@ -62,6 +65,7 @@ var (
 		5: "REFUSAL_CODE_STORAGE_UNAVAILABLE",
 		6: "REFUSAL_CODE_SHUTTING_DOWN",
 		7: "REFUSAL_CODE_RATE_LIMITED",
+		8: "REFUSAL_CODE_STALE_GROUP",
 	}
 	RefusalCode_value = map[string]int32{
 		"REFUSAL_CODE_UNSPECIFIED":         0,
@@ -72,6 +76,7 @@ var (
 		"REFUSAL_CODE_STORAGE_UNAVAILABLE": 5,
 		"REFUSAL_CODE_SHUTTING_DOWN":       6,
 		"REFUSAL_CODE_RATE_LIMITED":        7,
+		"REFUSAL_CODE_STALE_GROUP":         8,
 	}
 )
 
@@ -113,6 +118,11 @@ const (
 	// more with PUT /v1/keys. Sender is the device's own user; it carries no
 	// payload.
 	EnvelopeKind_ENVELOPE_KIND_KEYS_LOW EnvelopeKind = 3
+	// A group's membership changed (created, members added or removed,
+	// admins changed): sent by the server to every device of every member
+	// before and after the change, so removed members learn it too. Sender
+	// is the user who made the change; it carries no payload.
+	EnvelopeKind_ENVELOPE_KIND_GROUP_UPDATE EnvelopeKind = 4
 )
 
 // Enum value maps for EnvelopeKind.
@@ -122,12 +132,14 @@ var (
 		1: "ENVELOPE_KIND_MESSAGE",
 		2: "ENVELOPE_KIND_RECEIPT",
 		3: "ENVELOPE_KIND_KEYS_LOW",
+		4: "ENVELOPE_KIND_GROUP_UPDATE",
 	}
 	EnvelopeKind_value = map[string]int32{
-		"ENVELOPE_KIND_UNSPECIFIED": 0,
-		"ENVELOPE_KIND_MESSAGE":     1,
-		"ENVELOPE_KIND_RECEIPT":     2,
-		"ENVELOPE_KIND_KEYS_LOW":    3,
+		"ENVELOPE_KIND_UNSPECIFIED":  0,
+		"ENVELOPE_KIND_MESSAGE":      1,
+		"ENVELOPE_KIND_RECEIPT":      2,
+		"ENVELOPE_KIND_KEYS_LOW":     3,
+		"ENVELOPE_KIND_GROUP_UPDATE": 4,
 	}
 )
 
@@ -725,7 +737,10 @@ func (x *DeviceAddress) GetDevice() uint32 {
 
 // Send asks the server to accept one message. A 1:1 message carries one
 // payload per device of the recipient and one per other device of the
-// sender, each encrypted for that device.
+// sender, each encrypted for that device. A group message (group set, to
+// and payloads empty) carries one payload, sealed with the sending
+// device's sender key for the group; the server copies it to every device
+// of every member but the sending device.
 type Send struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// client_msg_id is unique per sending device (a UUID or similar, 1..64
@@ -733,8 +748,17 @@ type Send struct {
 	// and stores nothing new.
 	ClientMsgId string `protobuf:"bytes,1,opt,name=client_msg_id,json=clientMsgId,proto3" json:"client_msg_id,omitempty"`
 	// to is the recipient user.
-	To            string           `protobuf:"bytes,2,opt,name=to,proto3" json:"to,omitempty"`
-	Payloads      []*DevicePayload `protobuf:"bytes,3,rep,name=payloads,proto3" json:"payloads,omitempty"`
+	To       string           `protobuf:"bytes,2,opt,name=to,proto3" json:"to,omitempty"`
+	Payloads []*DevicePayload `protobuf:"bytes,3,rep,name=payloads,proto3" json:"payloads,omitempty"`
+	// group is the group a group message is for; the sender must be a member.
+	Group string `protobuf:"bytes,4,opt,name=group,proto3" json:"group,omitempty"`
+	// group_version is the membership version the sender's key was handed
+	// out for; if the group has changed since, the send is refused with
+	// STALE_GROUP (and the current version), stores nothing, and the client
+	// hands its key to the new members before retrying.
+	GroupVersion uint64 `protobuf:"varint,5,opt,name=group_version,json=groupVersion,proto3" json:"group_version,omitempty"`
+	// payload is a group message's one ciphertext.
+	Payload       []byte `protobuf:"bytes,6,opt,name=payload,proto3" json:"payload,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -786,6 +810,27 @@ func (x *Send) GetTo() string {
 func (x *Send) GetPayloads() []*DevicePayload {
 	if x != nil {
 		return x.Payloads
+	}
+	return nil
+}
+
+func (x *Send) GetGroup() string {
+	if x != nil {
+		return x.Group
+	}
+	return ""
+}
+
+func (x *Send) GetGroupVersion() uint64 {
+	if x != nil {
+		return x.GroupVersion
+	}
+	return 0
+}
+
+func (x *Send) GetPayload() []byte {
+	if x != nil {
+		return x.Payload
 	}
 	return nil
 }
@@ -918,7 +963,9 @@ type Refused struct {
 	// the sender, so that the client can re-encrypt and retry.
 	Devices []*UserDevices `protobuf:"bytes,3,rep,name=devices,proto3" json:"devices,omitempty"`
 	// For RATE_LIMITED, STORAGE_UNAVAILABLE and SHUTTING_DOWN: when to retry.
-	RetryAfterMs  int64 `protobuf:"varint,4,opt,name=retry_after_ms,json=retryAfterMs,proto3" json:"retry_after_ms,omitempty"`
+	RetryAfterMs int64 `protobuf:"varint,4,opt,name=retry_after_ms,json=retryAfterMs,proto3" json:"retry_after_ms,omitempty"`
+	// For STALE_GROUP: the group's current membership version.
+	GroupVersion  uint64 `protobuf:"varint,5,opt,name=group_version,json=groupVersion,proto3" json:"group_version,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -977,6 +1024,13 @@ func (x *Refused) GetDevices() []*UserDevices {
 func (x *Refused) GetRetryAfterMs() int64 {
 	if x != nil {
 		return x.RetryAfterMs
+	}
+	return 0
+}
+
+func (x *Refused) GetGroupVersion() uint64 {
+	if x != nil {
+		return x.GroupVersion
 	}
 	return 0
 }
@@ -1186,7 +1240,11 @@ type Envelope struct {
 	// For a receipt: what happened to which messages.
 	Receipt *Receipt `protobuf:"bytes,9,opt,name=receipt,proto3" json:"receipt,omitempty"`
 	// For KEYS_LOW: how many one-time prekeys the device has left.
-	KeysLow       *KeysLow `protobuf:"bytes,10,opt,name=keys_low,json=keysLow,proto3" json:"keys_low,omitempty"`
+	KeysLow *KeysLow `protobuf:"bytes,10,opt,name=keys_low,json=keysLow,proto3" json:"keys_low,omitempty"`
+	// For a group message: the group it was sent to (to is then empty).
+	Group string `protobuf:"bytes,11,opt,name=group,proto3" json:"group,omitempty"`
+	// For GROUP_UPDATE: the group's membership after a change.
+	GroupUpdate   *GroupUpdate `protobuf:"bytes,12,opt,name=group_update,json=groupUpdate,proto3" json:"group_update,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1291,6 +1349,155 @@ func (x *Envelope) GetKeysLow() *KeysLow {
 	return nil
 }
 
+func (x *Envelope) GetGroup() string {
+	if x != nil {
+		return x.Group
+	}
+	return ""
+}
+
+func (x *Envelope) GetGroupUpdate() *GroupUpdate {
+	if x != nil {
+		return x.GroupUpdate
+	}
+	return nil
+}
+
+// GroupUpdate is the body of an ENVELOPE_KIND_GROUP_UPDATE envelope. The
+// server knows a group's members and nothing else about it: its name and
+// picture travel end-to-end encrypted between members.
+type GroupUpdate struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Group string                 `protobuf:"bytes,1,opt,name=group,proto3" json:"group,omitempty"`
+	// version counts membership changes; it starts at 1 when the group is
+	// created.
+	Version uint64 `protobuf:"varint,2,opt,name=version,proto3" json:"version,omitempty"`
+	// The members after the change (empty when the group is gone).
+	Members []*GroupMember `protobuf:"bytes,3,rep,name=members,proto3" json:"members,omitempty"`
+	// The users this change added and removed.
+	Added         []string `protobuf:"bytes,4,rep,name=added,proto3" json:"added,omitempty"`
+	Removed       []string `protobuf:"bytes,5,rep,name=removed,proto3" json:"removed,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GroupUpdate) Reset() {
+	*x = GroupUpdate{}
+	mi := &file_courier_v1_courier_proto_msgTypes[11]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GroupUpdate) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GroupUpdate) ProtoMessage() {}
+
+func (x *GroupUpdate) ProtoReflect() protoreflect.Message {
+	mi := &file_courier_v1_courier_proto_msgTypes[11]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GroupUpdate.ProtoReflect.Descriptor instead.
+func (*GroupUpdate) Descriptor() ([]byte, []int) {
+	return file_courier_v1_courier_proto_rawDescGZIP(), []int{11}
+}
+
+func (x *GroupUpdate) GetGroup() string {
+	if x != nil {
+		return x.Group
+	}
+	return ""
+}
+
+func (x *GroupUpdate) GetVersion() uint64 {
+	if x != nil {
+		return x.Version
+	}
+	return 0
+}
+
+func (x *GroupUpdate) GetMembers() []*GroupMember {
+	if x != nil {
+		return x.Members
+	}
+	return nil
+}
+
+func (x *GroupUpdate) GetAdded() []string {
+	if x != nil {
+		return x.Added
+	}
+	return nil
+}
+
+func (x *GroupUpdate) GetRemoved() []string {
+	if x != nil {
+		return x.Removed
+	}
+	return nil
+}
+
+type GroupMember struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	User          string                 `protobuf:"bytes,1,opt,name=user,proto3" json:"user,omitempty"`
+	Admin         bool                   `protobuf:"varint,2,opt,name=admin,proto3" json:"admin,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GroupMember) Reset() {
+	*x = GroupMember{}
+	mi := &file_courier_v1_courier_proto_msgTypes[12]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GroupMember) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GroupMember) ProtoMessage() {}
+
+func (x *GroupMember) ProtoReflect() protoreflect.Message {
+	mi := &file_courier_v1_courier_proto_msgTypes[12]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GroupMember.ProtoReflect.Descriptor instead.
+func (*GroupMember) Descriptor() ([]byte, []int) {
+	return file_courier_v1_courier_proto_rawDescGZIP(), []int{12}
+}
+
+func (x *GroupMember) GetUser() string {
+	if x != nil {
+		return x.User
+	}
+	return ""
+}
+
+func (x *GroupMember) GetAdmin() bool {
+	if x != nil {
+		return x.Admin
+	}
+	return false
+}
+
 // KeysLow is the body of an ENVELOPE_KIND_KEYS_LOW envelope.
 type KeysLow struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -1302,7 +1509,7 @@ type KeysLow struct {
 
 func (x *KeysLow) Reset() {
 	*x = KeysLow{}
-	mi := &file_courier_v1_courier_proto_msgTypes[11]
+	mi := &file_courier_v1_courier_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1314,7 +1521,7 @@ func (x *KeysLow) String() string {
 func (*KeysLow) ProtoMessage() {}
 
 func (x *KeysLow) ProtoReflect() protoreflect.Message {
-	mi := &file_courier_v1_courier_proto_msgTypes[11]
+	mi := &file_courier_v1_courier_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1327,7 +1534,7 @@ func (x *KeysLow) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use KeysLow.ProtoReflect.Descriptor instead.
 func (*KeysLow) Descriptor() ([]byte, []int) {
-	return file_courier_v1_courier_proto_rawDescGZIP(), []int{11}
+	return file_courier_v1_courier_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *KeysLow) GetRemaining() uint32 {
@@ -1349,7 +1556,7 @@ type Receipt struct {
 
 func (x *Receipt) Reset() {
 	*x = Receipt{}
-	mi := &file_courier_v1_courier_proto_msgTypes[12]
+	mi := &file_courier_v1_courier_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1361,7 +1568,7 @@ func (x *Receipt) String() string {
 func (*Receipt) ProtoMessage() {}
 
 func (x *Receipt) ProtoReflect() protoreflect.Message {
-	mi := &file_courier_v1_courier_proto_msgTypes[12]
+	mi := &file_courier_v1_courier_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1374,7 +1581,7 @@ func (x *Receipt) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Receipt.ProtoReflect.Descriptor instead.
 func (*Receipt) Descriptor() ([]byte, []int) {
-	return file_courier_v1_courier_proto_rawDescGZIP(), []int{12}
+	return file_courier_v1_courier_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *Receipt) GetType() ReceiptType {
@@ -1401,7 +1608,7 @@ type MessageRef struct {
 
 func (x *MessageRef) Reset() {
 	*x = MessageRef{}
-	mi := &file_courier_v1_courier_proto_msgTypes[13]
+	mi := &file_courier_v1_courier_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1413,7 +1620,7 @@ func (x *MessageRef) String() string {
 func (*MessageRef) ProtoMessage() {}
 
 func (x *MessageRef) ProtoReflect() protoreflect.Message {
-	mi := &file_courier_v1_courier_proto_msgTypes[13]
+	mi := &file_courier_v1_courier_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1426,7 +1633,7 @@ func (x *MessageRef) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MessageRef.ProtoReflect.Descriptor instead.
 func (*MessageRef) Descriptor() ([]byte, []int) {
-	return file_courier_v1_courier_proto_rawDescGZIP(), []int{13}
+	return file_courier_v1_courier_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *MessageRef) GetServerId() string {
@@ -1454,7 +1661,7 @@ type Synced struct {
 
 func (x *Synced) Reset() {
 	*x = Synced{}
-	mi := &file_courier_v1_courier_proto_msgTypes[14]
+	mi := &file_courier_v1_courier_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1466,7 +1673,7 @@ func (x *Synced) String() string {
 func (*Synced) ProtoMessage() {}
 
 func (x *Synced) ProtoReflect() protoreflect.Message {
-	mi := &file_courier_v1_courier_proto_msgTypes[14]
+	mi := &file_courier_v1_courier_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1479,7 +1686,7 @@ func (x *Synced) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Synced.ProtoReflect.Descriptor instead.
 func (*Synced) Descriptor() ([]byte, []int) {
-	return file_courier_v1_courier_proto_rawDescGZIP(), []int{14}
+	return file_courier_v1_courier_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *Synced) GetPending() uint64 {
@@ -1501,7 +1708,7 @@ type Ack struct {
 
 func (x *Ack) Reset() {
 	*x = Ack{}
-	mi := &file_courier_v1_courier_proto_msgTypes[15]
+	mi := &file_courier_v1_courier_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1513,7 +1720,7 @@ func (x *Ack) String() string {
 func (*Ack) ProtoMessage() {}
 
 func (x *Ack) ProtoReflect() protoreflect.Message {
-	mi := &file_courier_v1_courier_proto_msgTypes[15]
+	mi := &file_courier_v1_courier_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1526,7 +1733,7 @@ func (x *Ack) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Ack.ProtoReflect.Descriptor instead.
 func (*Ack) Descriptor() ([]byte, []int) {
-	return file_courier_v1_courier_proto_rawDescGZIP(), []int{15}
+	return file_courier_v1_courier_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *Ack) GetSeqs() []uint64 {
@@ -1548,7 +1755,7 @@ type Read struct {
 
 func (x *Read) Reset() {
 	*x = Read{}
-	mi := &file_courier_v1_courier_proto_msgTypes[16]
+	mi := &file_courier_v1_courier_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1560,7 +1767,7 @@ func (x *Read) String() string {
 func (*Read) ProtoMessage() {}
 
 func (x *Read) ProtoReflect() protoreflect.Message {
-	mi := &file_courier_v1_courier_proto_msgTypes[16]
+	mi := &file_courier_v1_courier_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1573,7 +1780,7 @@ func (x *Read) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Read.ProtoReflect.Descriptor instead.
 func (*Read) Descriptor() ([]byte, []int) {
-	return file_courier_v1_courier_proto_rawDescGZIP(), []int{16}
+	return file_courier_v1_courier_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *Read) GetSender() string {
@@ -1603,7 +1810,7 @@ type Subscribe struct {
 
 func (x *Subscribe) Reset() {
 	*x = Subscribe{}
-	mi := &file_courier_v1_courier_proto_msgTypes[17]
+	mi := &file_courier_v1_courier_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1615,7 +1822,7 @@ func (x *Subscribe) String() string {
 func (*Subscribe) ProtoMessage() {}
 
 func (x *Subscribe) ProtoReflect() protoreflect.Message {
-	mi := &file_courier_v1_courier_proto_msgTypes[17]
+	mi := &file_courier_v1_courier_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1628,7 +1835,7 @@ func (x *Subscribe) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Subscribe.ProtoReflect.Descriptor instead.
 func (*Subscribe) Descriptor() ([]byte, []int) {
-	return file_courier_v1_courier_proto_rawDescGZIP(), []int{17}
+	return file_courier_v1_courier_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *Subscribe) GetUsers() []string {
@@ -1657,7 +1864,7 @@ type Presence struct {
 
 func (x *Presence) Reset() {
 	*x = Presence{}
-	mi := &file_courier_v1_courier_proto_msgTypes[18]
+	mi := &file_courier_v1_courier_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1669,7 +1876,7 @@ func (x *Presence) String() string {
 func (*Presence) ProtoMessage() {}
 
 func (x *Presence) ProtoReflect() protoreflect.Message {
-	mi := &file_courier_v1_courier_proto_msgTypes[18]
+	mi := &file_courier_v1_courier_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1682,7 +1889,7 @@ func (x *Presence) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Presence.ProtoReflect.Descriptor instead.
 func (*Presence) Descriptor() ([]byte, []int) {
-	return file_courier_v1_courier_proto_rawDescGZIP(), []int{18}
+	return file_courier_v1_courier_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *Presence) GetUser() string {
@@ -1717,7 +1924,7 @@ type Typing struct {
 
 func (x *Typing) Reset() {
 	*x = Typing{}
-	mi := &file_courier_v1_courier_proto_msgTypes[19]
+	mi := &file_courier_v1_courier_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1729,7 +1936,7 @@ func (x *Typing) String() string {
 func (*Typing) ProtoMessage() {}
 
 func (x *Typing) ProtoReflect() protoreflect.Message {
-	mi := &file_courier_v1_courier_proto_msgTypes[19]
+	mi := &file_courier_v1_courier_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1742,7 +1949,7 @@ func (x *Typing) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Typing.ProtoReflect.Descriptor instead.
 func (*Typing) Descriptor() ([]byte, []int) {
-	return file_courier_v1_courier_proto_rawDescGZIP(), []int{19}
+	return file_courier_v1_courier_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *Typing) GetTo() string {
@@ -1770,7 +1977,7 @@ type TypingEvent struct {
 
 func (x *TypingEvent) Reset() {
 	*x = TypingEvent{}
-	mi := &file_courier_v1_courier_proto_msgTypes[20]
+	mi := &file_courier_v1_courier_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1782,7 +1989,7 @@ func (x *TypingEvent) String() string {
 func (*TypingEvent) ProtoMessage() {}
 
 func (x *TypingEvent) ProtoReflect() protoreflect.Message {
-	mi := &file_courier_v1_courier_proto_msgTypes[20]
+	mi := &file_courier_v1_courier_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1795,7 +2002,7 @@ func (x *TypingEvent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TypingEvent.ProtoReflect.Descriptor instead.
 func (*TypingEvent) Descriptor() ([]byte, []int) {
-	return file_courier_v1_courier_proto_rawDescGZIP(), []int{20}
+	return file_courier_v1_courier_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *TypingEvent) GetFrom() string {
@@ -1827,7 +2034,7 @@ type Ok struct {
 
 func (x *Ok) Reset() {
 	*x = Ok{}
-	mi := &file_courier_v1_courier_proto_msgTypes[21]
+	mi := &file_courier_v1_courier_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1839,7 +2046,7 @@ func (x *Ok) String() string {
 func (*Ok) ProtoMessage() {}
 
 func (x *Ok) ProtoReflect() protoreflect.Message {
-	mi := &file_courier_v1_courier_proto_msgTypes[21]
+	mi := &file_courier_v1_courier_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1852,7 +2059,7 @@ func (x *Ok) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Ok.ProtoReflect.Descriptor instead.
 func (*Ok) Descriptor() ([]byte, []int) {
-	return file_courier_v1_courier_proto_rawDescGZIP(), []int{21}
+	return file_courier_v1_courier_proto_rawDescGZIP(), []int{23}
 }
 
 type Ping struct {
@@ -1864,7 +2071,7 @@ type Ping struct {
 
 func (x *Ping) Reset() {
 	*x = Ping{}
-	mi := &file_courier_v1_courier_proto_msgTypes[22]
+	mi := &file_courier_v1_courier_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1876,7 +2083,7 @@ func (x *Ping) String() string {
 func (*Ping) ProtoMessage() {}
 
 func (x *Ping) ProtoReflect() protoreflect.Message {
-	mi := &file_courier_v1_courier_proto_msgTypes[22]
+	mi := &file_courier_v1_courier_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1889,7 +2096,7 @@ func (x *Ping) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Ping.ProtoReflect.Descriptor instead.
 func (*Ping) Descriptor() ([]byte, []int) {
-	return file_courier_v1_courier_proto_rawDescGZIP(), []int{22}
+	return file_courier_v1_courier_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *Ping) GetClientTimeMs() int64 {
@@ -1909,7 +2116,7 @@ type Pong struct {
 
 func (x *Pong) Reset() {
 	*x = Pong{}
-	mi := &file_courier_v1_courier_proto_msgTypes[23]
+	mi := &file_courier_v1_courier_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1921,7 +2128,7 @@ func (x *Pong) String() string {
 func (*Pong) ProtoMessage() {}
 
 func (x *Pong) ProtoReflect() protoreflect.Message {
-	mi := &file_courier_v1_courier_proto_msgTypes[23]
+	mi := &file_courier_v1_courier_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1934,7 +2141,7 @@ func (x *Pong) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Pong.ProtoReflect.Descriptor instead.
 func (*Pong) Descriptor() ([]byte, []int) {
-	return file_courier_v1_courier_proto_rawDescGZIP(), []int{23}
+	return file_courier_v1_courier_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *Pong) GetClientTimeMs() int64 {
@@ -1964,7 +2171,7 @@ type Error struct {
 
 func (x *Error) Reset() {
 	*x = Error{}
-	mi := &file_courier_v1_courier_proto_msgTypes[24]
+	mi := &file_courier_v1_courier_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1976,7 +2183,7 @@ func (x *Error) String() string {
 func (*Error) ProtoMessage() {}
 
 func (x *Error) ProtoReflect() protoreflect.Message {
-	mi := &file_courier_v1_courier_proto_msgTypes[24]
+	mi := &file_courier_v1_courier_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1989,7 +2196,7 @@ func (x *Error) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Error.ProtoReflect.Descriptor instead.
 func (*Error) Descriptor() ([]byte, []int) {
-	return file_courier_v1_courier_proto_rawDescGZIP(), []int{24}
+	return file_courier_v1_courier_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *Error) GetCode() ErrorCode {
@@ -2044,23 +2251,27 @@ const file_courier_v1_courier_proto_rawDesc = "" +
 	"\x04body\";\n" +
 	"\rDeviceAddress\x12\x12\n" +
 	"\x04user\x18\x01 \x01(\tR\x04user\x12\x16\n" +
-	"\x06device\x18\x02 \x01(\rR\x06device\"q\n" +
+	"\x06device\x18\x02 \x01(\rR\x06device\"\xc6\x01\n" +
 	"\x04Send\x12\"\n" +
 	"\rclient_msg_id\x18\x01 \x01(\tR\vclientMsgId\x12\x0e\n" +
 	"\x02to\x18\x02 \x01(\tR\x02to\x125\n" +
-	"\bpayloads\x18\x03 \x03(\v2\x19.courier.v1.DevicePayloadR\bpayloads\"\\\n" +
+	"\bpayloads\x18\x03 \x03(\v2\x19.courier.v1.DevicePayloadR\bpayloads\x12\x14\n" +
+	"\x05group\x18\x04 \x01(\tR\x05group\x12#\n" +
+	"\rgroup_version\x18\x05 \x01(\x04R\fgroupVersion\x12\x18\n" +
+	"\apayload\x18\x06 \x01(\fR\apayload\"\\\n" +
 	"\rDevicePayload\x121\n" +
 	"\x06device\x18\x01 \x01(\v2\x19.courier.v1.DeviceAddressR\x06device\x12\x18\n" +
 	"\apayload\x18\x02 \x01(\fR\apayload\"k\n" +
 	"\bAccepted\x12\x1b\n" +
 	"\tserver_id\x18\x01 \x01(\tR\bserverId\x12$\n" +
 	"\x0eserver_time_ms\x18\x02 \x01(\x03R\fserverTimeMs\x12\x1c\n" +
-	"\tduplicate\x18\x03 \x01(\bR\tduplicate\"\xa9\x01\n" +
+	"\tduplicate\x18\x03 \x01(\bR\tduplicate\"\xce\x01\n" +
 	"\aRefused\x12+\n" +
 	"\x04code\x18\x01 \x01(\x0e2\x17.courier.v1.RefusalCodeR\x04code\x12\x18\n" +
 	"\amessage\x18\x02 \x01(\tR\amessage\x121\n" +
 	"\adevices\x18\x03 \x03(\v2\x17.courier.v1.UserDevicesR\adevices\x12$\n" +
-	"\x0eretry_after_ms\x18\x04 \x01(\x03R\fretryAfterMs\";\n" +
+	"\x0eretry_after_ms\x18\x04 \x01(\x03R\fretryAfterMs\x12#\n" +
+	"\rgroup_version\x18\x05 \x01(\x04R\fgroupVersion\";\n" +
 	"\vUserDevices\x12\x12\n" +
 	"\x04user\x18\x01 \x01(\tR\x04user\x12\x18\n" +
 	"\adevices\x18\x02 \x03(\rR\adevices\"\xdf\x01\n" +
@@ -2072,7 +2283,7 @@ const file_courier_v1_courier_proto_rawDesc = "" +
 	"\x0fmax_frame_bytes\x18\x05 \x01(\rR\rmaxFrameBytes\"M\n" +
 	"\aDeliver\x12\x10\n" +
 	"\x03seq\x18\x01 \x01(\x04R\x03seq\x120\n" +
-	"\benvelope\x18\x02 \x01(\v2\x14.courier.v1.EnvelopeR\benvelope\"\xe5\x02\n" +
+	"\benvelope\x18\x02 \x01(\v2\x14.courier.v1.EnvelopeR\benvelope\"\xb7\x03\n" +
 	"\bEnvelope\x12,\n" +
 	"\x04kind\x18\x01 \x01(\x0e2\x18.courier.v1.EnvelopeKindR\x04kind\x12\x1b\n" +
 	"\tserver_id\x18\x02 \x01(\tR\bserverId\x12\x16\n" +
@@ -2084,7 +2295,18 @@ const file_courier_v1_courier_proto_rawDesc = "" +
 	"\apayload\x18\b \x01(\fR\apayload\x12-\n" +
 	"\areceipt\x18\t \x01(\v2\x13.courier.v1.ReceiptR\areceipt\x12.\n" +
 	"\bkeys_low\x18\n" +
-	" \x01(\v2\x13.courier.v1.KeysLowR\akeysLow\"'\n" +
+	" \x01(\v2\x13.courier.v1.KeysLowR\akeysLow\x12\x14\n" +
+	"\x05group\x18\v \x01(\tR\x05group\x12:\n" +
+	"\fgroup_update\x18\f \x01(\v2\x17.courier.v1.GroupUpdateR\vgroupUpdate\"\xa0\x01\n" +
+	"\vGroupUpdate\x12\x14\n" +
+	"\x05group\x18\x01 \x01(\tR\x05group\x12\x18\n" +
+	"\aversion\x18\x02 \x01(\x04R\aversion\x121\n" +
+	"\amembers\x18\x03 \x03(\v2\x17.courier.v1.GroupMemberR\amembers\x12\x14\n" +
+	"\x05added\x18\x04 \x03(\tR\x05added\x12\x18\n" +
+	"\aremoved\x18\x05 \x03(\tR\aremoved\"7\n" +
+	"\vGroupMember\x12\x12\n" +
+	"\x04user\x18\x01 \x01(\tR\x04user\x12\x14\n" +
+	"\x05admin\x18\x02 \x01(\bR\x05admin\"'\n" +
 	"\aKeysLow\x12\x1c\n" +
 	"\tremaining\x18\x01 \x01(\rR\tremaining\"j\n" +
 	"\aReceipt\x12+\n" +
@@ -2126,7 +2348,7 @@ const file_courier_v1_courier_proto_rawDesc = "" +
 	"\x05Error\x12)\n" +
 	"\x04code\x18\x01 \x01(\x0e2\x15.courier.v1.ErrorCodeR\x04code\x12\x18\n" +
 	"\amessage\x18\x02 \x01(\tR\amessage\x12$\n" +
-	"\x0eretry_after_ms\x18\x03 \x01(\x03R\fretryAfterMs*\x92\x02\n" +
+	"\x0eretry_after_ms\x18\x03 \x01(\x03R\fretryAfterMs*\xb0\x02\n" +
 	"\vRefusalCode\x12\x1c\n" +
 	"\x18REFUSAL_CODE_UNSPECIFIED\x10\x00\x12\x18\n" +
 	"\x14REFUSAL_CODE_INVALID\x10\x01\x12\"\n" +
@@ -2135,12 +2357,14 @@ const file_courier_v1_courier_proto_rawDesc = "" +
 	"\x1eREFUSAL_CODE_PAYLOAD_TOO_LARGE\x10\x04\x12$\n" +
 	" REFUSAL_CODE_STORAGE_UNAVAILABLE\x10\x05\x12\x1e\n" +
 	"\x1aREFUSAL_CODE_SHUTTING_DOWN\x10\x06\x12\x1d\n" +
-	"\x19REFUSAL_CODE_RATE_LIMITED\x10\a*\x7f\n" +
+	"\x19REFUSAL_CODE_RATE_LIMITED\x10\a\x12\x1c\n" +
+	"\x18REFUSAL_CODE_STALE_GROUP\x10\b*\x9f\x01\n" +
 	"\fEnvelopeKind\x12\x1d\n" +
 	"\x19ENVELOPE_KIND_UNSPECIFIED\x10\x00\x12\x19\n" +
 	"\x15ENVELOPE_KIND_MESSAGE\x10\x01\x12\x19\n" +
 	"\x15ENVELOPE_KIND_RECEIPT\x10\x02\x12\x1a\n" +
-	"\x16ENVELOPE_KIND_KEYS_LOW\x10\x03*^\n" +
+	"\x16ENVELOPE_KIND_KEYS_LOW\x10\x03\x12\x1e\n" +
+	"\x1aENVELOPE_KIND_GROUP_UPDATE\x10\x04*^\n" +
 	"\vReceiptType\x12\x1c\n" +
 	"\x18RECEIPT_TYPE_UNSPECIFIED\x10\x00\x12\x1a\n" +
 	"\x16RECEIPT_TYPE_DELIVERED\x10\x01\x12\x15\n" +
@@ -2172,7 +2396,7 @@ func file_courier_v1_courier_proto_rawDescGZIP() []byte {
 }
 
 var file_courier_v1_courier_proto_enumTypes = make([]protoimpl.EnumInfo, 4)
-var file_courier_v1_courier_proto_msgTypes = make([]protoimpl.MessageInfo, 25)
+var file_courier_v1_courier_proto_msgTypes = make([]protoimpl.MessageInfo, 27)
 var file_courier_v1_courier_proto_goTypes = []any{
 	(RefusalCode)(0),      // 0: courier.v1.RefusalCode
 	(EnvelopeKind)(0),     // 1: courier.v1.EnvelopeKind
@@ -2189,38 +2413,40 @@ var file_courier_v1_courier_proto_goTypes = []any{
 	(*Hello)(nil),         // 12: courier.v1.Hello
 	(*Deliver)(nil),       // 13: courier.v1.Deliver
 	(*Envelope)(nil),      // 14: courier.v1.Envelope
-	(*KeysLow)(nil),       // 15: courier.v1.KeysLow
-	(*Receipt)(nil),       // 16: courier.v1.Receipt
-	(*MessageRef)(nil),    // 17: courier.v1.MessageRef
-	(*Synced)(nil),        // 18: courier.v1.Synced
-	(*Ack)(nil),           // 19: courier.v1.Ack
-	(*Read)(nil),          // 20: courier.v1.Read
-	(*Subscribe)(nil),     // 21: courier.v1.Subscribe
-	(*Presence)(nil),      // 22: courier.v1.Presence
-	(*Typing)(nil),        // 23: courier.v1.Typing
-	(*TypingEvent)(nil),   // 24: courier.v1.TypingEvent
-	(*Ok)(nil),            // 25: courier.v1.Ok
-	(*Ping)(nil),          // 26: courier.v1.Ping
-	(*Pong)(nil),          // 27: courier.v1.Pong
-	(*Error)(nil),         // 28: courier.v1.Error
+	(*GroupUpdate)(nil),   // 15: courier.v1.GroupUpdate
+	(*GroupMember)(nil),   // 16: courier.v1.GroupMember
+	(*KeysLow)(nil),       // 17: courier.v1.KeysLow
+	(*Receipt)(nil),       // 18: courier.v1.Receipt
+	(*MessageRef)(nil),    // 19: courier.v1.MessageRef
+	(*Synced)(nil),        // 20: courier.v1.Synced
+	(*Ack)(nil),           // 21: courier.v1.Ack
+	(*Read)(nil),          // 22: courier.v1.Read
+	(*Subscribe)(nil),     // 23: courier.v1.Subscribe
+	(*Presence)(nil),      // 24: courier.v1.Presence
+	(*Typing)(nil),        // 25: courier.v1.Typing
+	(*TypingEvent)(nil),   // 26: courier.v1.TypingEvent
+	(*Ok)(nil),            // 27: courier.v1.Ok
+	(*Ping)(nil),          // 28: courier.v1.Ping
+	(*Pong)(nil),          // 29: courier.v1.Pong
+	(*Error)(nil),         // 30: courier.v1.Error
 }
 var file_courier_v1_courier_proto_depIdxs = []int32{
 	7,  // 0: courier.v1.ClientFrame.send:type_name -> courier.v1.Send
-	19, // 1: courier.v1.ClientFrame.ack:type_name -> courier.v1.Ack
-	20, // 2: courier.v1.ClientFrame.read:type_name -> courier.v1.Read
-	21, // 3: courier.v1.ClientFrame.subscribe:type_name -> courier.v1.Subscribe
-	23, // 4: courier.v1.ClientFrame.typing:type_name -> courier.v1.Typing
-	26, // 5: courier.v1.ClientFrame.ping:type_name -> courier.v1.Ping
+	21, // 1: courier.v1.ClientFrame.ack:type_name -> courier.v1.Ack
+	22, // 2: courier.v1.ClientFrame.read:type_name -> courier.v1.Read
+	23, // 3: courier.v1.ClientFrame.subscribe:type_name -> courier.v1.Subscribe
+	25, // 4: courier.v1.ClientFrame.typing:type_name -> courier.v1.Typing
+	28, // 5: courier.v1.ClientFrame.ping:type_name -> courier.v1.Ping
 	12, // 6: courier.v1.ServerFrame.hello:type_name -> courier.v1.Hello
 	9,  // 7: courier.v1.ServerFrame.accepted:type_name -> courier.v1.Accepted
 	10, // 8: courier.v1.ServerFrame.refused:type_name -> courier.v1.Refused
 	13, // 9: courier.v1.ServerFrame.deliver:type_name -> courier.v1.Deliver
-	18, // 10: courier.v1.ServerFrame.synced:type_name -> courier.v1.Synced
-	25, // 11: courier.v1.ServerFrame.ok:type_name -> courier.v1.Ok
-	22, // 12: courier.v1.ServerFrame.presence:type_name -> courier.v1.Presence
-	24, // 13: courier.v1.ServerFrame.typing:type_name -> courier.v1.TypingEvent
-	27, // 14: courier.v1.ServerFrame.pong:type_name -> courier.v1.Pong
-	28, // 15: courier.v1.ServerFrame.error:type_name -> courier.v1.Error
+	20, // 10: courier.v1.ServerFrame.synced:type_name -> courier.v1.Synced
+	27, // 11: courier.v1.ServerFrame.ok:type_name -> courier.v1.Ok
+	24, // 12: courier.v1.ServerFrame.presence:type_name -> courier.v1.Presence
+	26, // 13: courier.v1.ServerFrame.typing:type_name -> courier.v1.TypingEvent
+	29, // 14: courier.v1.ServerFrame.pong:type_name -> courier.v1.Pong
+	30, // 15: courier.v1.ServerFrame.error:type_name -> courier.v1.Error
 	8,  // 16: courier.v1.Send.payloads:type_name -> courier.v1.DevicePayload
 	6,  // 17: courier.v1.DevicePayload.device:type_name -> courier.v1.DeviceAddress
 	0,  // 18: courier.v1.Refused.code:type_name -> courier.v1.RefusalCode
@@ -2228,17 +2454,19 @@ var file_courier_v1_courier_proto_depIdxs = []int32{
 	6,  // 20: courier.v1.Hello.device:type_name -> courier.v1.DeviceAddress
 	14, // 21: courier.v1.Deliver.envelope:type_name -> courier.v1.Envelope
 	1,  // 22: courier.v1.Envelope.kind:type_name -> courier.v1.EnvelopeKind
-	16, // 23: courier.v1.Envelope.receipt:type_name -> courier.v1.Receipt
-	15, // 24: courier.v1.Envelope.keys_low:type_name -> courier.v1.KeysLow
-	2,  // 25: courier.v1.Receipt.type:type_name -> courier.v1.ReceiptType
-	17, // 26: courier.v1.Receipt.messages:type_name -> courier.v1.MessageRef
-	17, // 27: courier.v1.Read.messages:type_name -> courier.v1.MessageRef
-	3,  // 28: courier.v1.Error.code:type_name -> courier.v1.ErrorCode
-	29, // [29:29] is the sub-list for method output_type
-	29, // [29:29] is the sub-list for method input_type
-	29, // [29:29] is the sub-list for extension type_name
-	29, // [29:29] is the sub-list for extension extendee
-	0,  // [0:29] is the sub-list for field type_name
+	18, // 23: courier.v1.Envelope.receipt:type_name -> courier.v1.Receipt
+	17, // 24: courier.v1.Envelope.keys_low:type_name -> courier.v1.KeysLow
+	15, // 25: courier.v1.Envelope.group_update:type_name -> courier.v1.GroupUpdate
+	16, // 26: courier.v1.GroupUpdate.members:type_name -> courier.v1.GroupMember
+	2,  // 27: courier.v1.Receipt.type:type_name -> courier.v1.ReceiptType
+	19, // 28: courier.v1.Receipt.messages:type_name -> courier.v1.MessageRef
+	19, // 29: courier.v1.Read.messages:type_name -> courier.v1.MessageRef
+	3,  // 30: courier.v1.Error.code:type_name -> courier.v1.ErrorCode
+	31, // [31:31] is the sub-list for method output_type
+	31, // [31:31] is the sub-list for method input_type
+	31, // [31:31] is the sub-list for extension type_name
+	31, // [31:31] is the sub-list for extension extendee
+	0,  // [0:31] is the sub-list for field type_name
 }
 
 func init() { file_courier_v1_courier_proto_init() }
@@ -2272,7 +2500,7 @@ func file_courier_v1_courier_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_courier_v1_courier_proto_rawDesc), len(file_courier_v1_courier_proto_rawDesc)),
 			NumEnums:      4,
-			NumMessages:   25,
+			NumMessages:   27,
 			NumExtensions: 0,
 			NumServices:   0,
 		},
