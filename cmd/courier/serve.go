@@ -37,6 +37,8 @@ func runServe(ctx context.Context, args []string) error {
 	fs.DurationVar(&cfg.ReadHeaderTimeout, "read-header-timeout", server.DefaultReadHeaderTimeout, "how long a client may take to send request headers")
 	fs.DurationVar(&cfg.BodyTimeout, "body-timeout", api.DefaultBodyTimeout, "how long a client may take to send a request body")
 	fs.StringVar(&cfg.Transport, "transport", gateway.TransportGoroutine, "how WebSocket connections are served: goroutine (two goroutines each) or epoll (event loops; least memory per connection)")
+	fs.IntVar(&cfg.DeviceCacheSize, "device-cache-size", 100_000, "users whose device lists are kept in memory (negative: no cache)")
+	fs.DurationVar(&cfg.DeviceCacheTTL, "device-cache-ttl", 30*time.Second, "longest a cached device list is used; in a cluster, changes reach other nodes over NATS sooner")
 	level := fs.String("log-level", "info", "log level: debug, info, warn, error")
 	jsonLogs := fs.Bool("log-json", false, "log JSON lines instead of text")
 	cl := &cfg.Cluster

@@ -103,6 +103,9 @@ type ClusterConfig struct {
 	NodeSubject    string
 	RedisPrefix    string
 	PostgresSchema string
+	// DevicesSubject carries the nodes' device-list changes to each
+	// other's caches (default cluster.DefaultDevicesSubject).
+	DevicesSubject string
 
 	// SessionTTL: a gateway's registrations expire this long after its
 	// last heartbeat. Default cluster.DefaultSessionTTL.
@@ -245,7 +248,7 @@ func (s *Server) openCluster() error {
 		s.owned = append(s.owned, s.cl.dir.Close)
 	}
 	if cfg.Postgres != "" && s.accounts == nil && (cfg.Roles.Gateway || cfg.Roles.API) {
-		st, err := postgres.Open(ctx, cfg.Postgres, postgres.Options{Logger: s.log, Schema: cfg.PostgresSchema})
+		st, err := postgres.Open(ctx, cfg.Postgres, postgres.Options{Logger: s.log, Schema: cfg.PostgresSchema, MaxGroupMembers: s.cfg.MaxGroupMembers})
 		if err != nil {
 			return fmt.Errorf("open the postgres account store: %w", err)
 		}

@@ -45,6 +45,9 @@ type Config struct {
 	MaxPayload int
 	// MaxPayloads is the most devices one send may address.
 	MaxPayloads int
+	// MaxGroupMembers caps a group's members, in the account store the
+	// server opens (zero: accounts.DefaultMaxGroupMembers).
+	MaxGroupMembers int
 	// Retention is how long an entry never acknowledged is kept.
 	Retention time.Duration
 	// ExpireEvery is how often expired entries are removed.
@@ -82,6 +85,14 @@ type Config struct {
 	// backends in DataDir (the Server then does not close them).
 	Mailbox  mailbox.Store
 	Accounts accounts.Store
+
+	// DeviceCacheSize is how many users' device lists are kept in memory
+	// (cache.DefaultSize if zero; negative turns the cache off), and
+	// DeviceCacheTTL how long one is used (cache.DefaultTTL if zero): it
+	// bounds how long a change announced by another node goes unseen if
+	// the announcement is lost (see devicecache.go).
+	DeviceCacheSize int
+	DeviceCacheTTL  time.Duration
 
 	// Cluster makes the server one node of a cluster (see cluster.go);
 	// the zero value is a single node on embedded backends.
@@ -178,6 +189,9 @@ func (c *Config) Verify() error {
 	if _, _, err := net.SplitHostPort(c.Addr); err != nil {
 		errs = append(errs, fmt.Errorf("addr %q: %v", c.Addr, err))
 	}
+	if c.DeviceCacheTTL < 0 {
+		errs = append(errs, fmt.Errorf("device cache ttl %v: want a positive duration", c.DeviceCacheTTL))
+	}
 	errs = append(errs, c.Cluster.verify()...)
 	return errors.Join(errs...)
 }
@@ -236,7 +250,7 @@ func New(cfg Config) (*Server, error) {
 		s.owned = append(s.owned, mb.Close)
 	}
 	if s.accounts == nil && needAccounts {
-		ac, err := sqlite.Open(filepath.Join(cfg.DataDir, "accounts.db"), sqlite.Options{Logger: cfg.Logger})
+		ac, err := sqlite.Open(filepath.Join(cfg.DataDir, "accounts.db"), sqlite.Options{Logger: cfg.Logger, MaxGroupMembers: cfg.MaxGroupMembers})
 		if err != nil {
 			return nil, fmt.Errorf("open accounts: %w", err)
 		}
@@ -248,10 +262,21 @@ func New(cfg Config) (*Server, error) {
 	if !hasKeys && needAccounts {
 		return nil, fmt.Errorf("the account store %T keeps no prekeys (accounts.KeyStore)", s.accounts)
 	}
+	groups, hasGroups := s.accounts.(accounts.GroupStore)
+	if !hasGroups && needAccounts {
+		return nil, fmt.Errorf("the account store %T keeps no groups (accounts.GroupStore)", s.accounts)
+	}
 
 	s.registry = prometheus.NewRegistry()
 	s.registry.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	m := metrics.New(s.registry)
+	// From here on the account store is seen through the device-list
+	// cache (the capabilities above are the store's own).
+	cached, err := s.openDeviceCache()
+	if err != nil {
+		return nil, err
+	}
+	s.accounts = cached
 	if d, ok := s.mailbox.(mailbox.Depther); ok {
 		s.registry.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "courier_mailbox_depth", Help: "Entries held in all device mailboxes (accepted, not yet acknowledged).",
@@ -263,7 +288,7 @@ func New(cfg Config) (*Server, error) {
 	// a small forwarding notifier breaks the cycle without setters.
 	var notify notifier
 	svc := delivery.New(delivery.Config{
-		Mailbox: s.mailbox, Accounts: s.accounts, Notifier: &notify, Metrics: m, Logger: cfg.Logger,
+		Mailbox: s.mailbox, Accounts: s.accounts, Groups: groups, Notifier: &notify, Metrics: m, Logger: cfg.Logger,
 		MaxPayload: cfg.MaxPayload, MaxPayloads: cfg.MaxPayloads,
 	})
 	gw, err := gateway.Open(gateway.Config{
@@ -280,7 +305,7 @@ func New(cfg Config) (*Server, error) {
 	keySvc := keys.New(keys.Config{Store: keyStore, Mailbox: s.mailbox, Notifier: &notify, FetchLimit: cfg.KeyFetches, Logger: cfg.Logger})
 
 	mux := http.NewServeMux()
-	apiSvc := api.New(api.Config{Accounts: s.accounts, Delivery: svc, Auth: authn, Keys: keySvc, Logger: cfg.Logger, Draining: s.draining,
+	apiSvc := api.New(api.Config{Accounts: s.accounts, Delivery: svc, Auth: authn, Keys: keySvc, Groups: groups, Logger: cfg.Logger, Draining: s.draining,
 		Ready: s.ready, BodyTimeout: cfg.BodyTimeout})
 	if cfg.Cluster.Roles.API {
 		apiSvc.Register(mux)
@@ -312,6 +337,11 @@ func (n *notifier) Notify(dev ident.Device) { n.to.Notify(dev) }
 
 // Handler is the server's HTTP handler (API, WebSocket and metrics).
 func (s *Server) Handler() http.Handler { return s.handler }
+
+// Accounts is the account store the server uses, behind its device-list
+// cache: changes made through it are seen at once (tests use it to link
+// and remove devices). It is nil in a worker-only process.
+func (s *Server) Accounts() accounts.Store { return s.accounts }
 
 // Registry is the server's metrics registry.
 func (s *Server) Registry() *prometheus.Registry { return s.registry }

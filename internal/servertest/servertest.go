@@ -123,16 +123,12 @@ func (s *Server) Restart(t testing.TB) {
 func (s *Server) Server() *server.Server { return s.srv }
 
 // AddDevice adds a device to an existing user directly in the account
-// store (linking devices through the API comes later) and returns its id
-// and credential. The server must be stopped or the call made through a
-// running server's own store: it opens the account database next to the
-// running server, which SQLite allows.
+// store and returns its id and credential: through a running server's own
+// store (so that its device-list cache sees the change), or in the
+// account database of a stopped one.
 func (s *Server) AddDevice(t testing.TB, user string) (uint32, string) {
 	t.Helper()
-	st, err := sqlite.Open(filepath.Join(s.Dir, "accounts.db"), sqlite.Options{})
-	if err != nil {
-		t.Fatalf("servertest: open accounts: %v", err)
-	}
+	st := s.accountStore(t)
 	defer st.Close()
 	cred, hash := accounts.NewCredential()
 	d, err := st.AddDevice(context.Background(), user, "test device", hash)
@@ -142,18 +138,35 @@ func (s *Server) AddDevice(t testing.TB, user string) (uint32, string) {
 	return d.ID, cred
 }
 
-// RemoveDevice removes a device directly in the account store.
+// RemoveDevice removes a device directly in the account store, as
+// AddDevice adds one.
 func (s *Server) RemoveDevice(t testing.TB, user string, id uint32) {
 	t.Helper()
-	st, err := sqlite.Open(filepath.Join(s.Dir, "accounts.db"), sqlite.Options{})
-	if err != nil {
-		t.Fatalf("servertest: open accounts: %v", err)
-	}
+	st := s.accountStore(t)
 	defer st.Close()
 	if err := st.RemoveDevice(context.Background(), ident.Device{User: user, ID: id}); err != nil {
 		t.Fatalf("servertest: remove device %s.%d: %v", user, id, err)
 	}
 }
+
+// accountStore is the running server's account store (whose Close, here, does
+// nothing), or the stopped server's account database.
+func (s *Server) accountStore(t testing.TB) accounts.Store {
+	t.Helper()
+	if s.srv != nil {
+		return unclosed{s.srv.Accounts()}
+	}
+	st, err := sqlite.Open(filepath.Join(s.Dir, "accounts.db"), sqlite.Options{})
+	if err != nil {
+		t.Fatalf("servertest: open accounts: %v", err)
+	}
+	return st
+}
+
+// unclosed is a store whose Close leaves the store open: the server's.
+type unclosed struct{ accounts.Store }
+
+func (unclosed) Close() error { return nil }
 
 // SetConfig changes the configuration used by the next Start and returns a
 // function that restores the previous one.
