@@ -1,7 +1,7 @@
 // Package api is courier's stateless HTTP API: registration, device lists
-// and linking, prekeys (package keys), sending (202 Accepted once durable),
-// read reports and health. Errors are JSON with stable codes (package
-// apierr; the table is in docs/protocol.md).
+// and linking, prekeys (package keys), groups (groups.go), sending (202
+// Accepted once durable), read reports and health. Errors are JSON with
+// stable codes (package apierr; the table is in docs/protocol.md).
 package api
 
 import (
@@ -32,7 +32,9 @@ type Config struct {
 	Auth     *auth.Authenticator
 	// Keys serves the prekey endpoints (/v1/keys); nil leaves them out,
 	// and device lists then show every identity_key as null.
-	Keys   *keys.Service
+	Keys *keys.Service
+	// Groups serves the group endpoints (/v1/groups); nil leaves them out.
+	Groups accounts.GroupStore
 	Logger *slog.Logger
 	// Draining reports whether the server is shutting down.
 	Draining func() bool
@@ -83,6 +85,15 @@ func (a *API) Register(mux *http.ServeMux) {
 		mux.HandleFunc("PUT /v1/keys", a.authed(a.putKeys))
 		mux.HandleFunc("GET /v1/keys", a.authed(a.getKeys))
 		mux.HandleFunc("GET /v1/keys/{user}", a.authed(a.fetchKeys))
+	}
+	if a.cfg.Groups != nil {
+		mux.HandleFunc("POST /v1/groups", a.authed(a.createGroup))
+		mux.HandleFunc("GET /v1/groups", a.authed(a.listGroups))
+		mux.HandleFunc("GET /v1/groups/{id}", a.authed(a.getGroup))
+		mux.HandleFunc("POST /v1/groups/{id}/members", a.authed(a.addMembers))
+		mux.HandleFunc("DELETE /v1/groups/{id}/members/{user}", a.authed(a.removeMember))
+		mux.HandleFunc("PUT /v1/groups/{id}/admins/{user}", a.authed(a.setAdmin(true)))
+		mux.HandleFunc("DELETE /v1/groups/{id}/admins/{user}", a.authed(a.setAdmin(false)))
 	}
 	a.RegisterHealth(mux)
 }
@@ -245,10 +256,15 @@ type payloadJSON struct {
 	Payload []byte `json:"payload"` // base64 in JSON
 }
 
+// sendRequest is a 1:1 message (to, payloads) or a group message (group,
+// group_version and the one payload).
 type sendRequest struct {
-	ClientMsgID string        `json:"client_msg_id"`
-	To          string        `json:"to"`
-	Payloads    []payloadJSON `json:"payloads"`
+	ClientMsgID  string        `json:"client_msg_id"`
+	To           string        `json:"to"`
+	Payloads     []payloadJSON `json:"payloads"`
+	Group        string        `json:"group"`
+	GroupVersion uint64        `json:"group_version"`
+	Payload      []byte        `json:"payload"` // base64 in JSON
 }
 
 type sendResponse struct {
@@ -270,7 +286,11 @@ func (a *API) send(w http.ResponseWriter, r *http.Request, dev ident.Device) {
 		a.refusal(w, &delivery.Refusal{Code: pb.RefusalCode_REFUSAL_CODE_INVALID, Message: fmt.Sprintf("at most %d payloads", a.cfg.Delivery.MaxPayloads())})
 		return
 	}
-	sr := delivery.SendRequest{From: dev, ClientMsgID: req.ClientMsgID, To: req.To, Payloads: make([]delivery.Payload, len(req.Payloads))}
+	sr := delivery.SendRequest{From: dev, ClientMsgID: req.ClientMsgID, To: req.To, Payloads: make([]delivery.Payload, len(req.Payloads)),
+		Group: req.Group, GroupVersion: req.GroupVersion, Payload: req.Payload}
+	if len(req.Payloads) == 0 {
+		sr.Payloads = nil
+	}
 	for i, p := range req.Payloads {
 		if !ident.ValidUser(p.User) || p.Device == 0 {
 			a.refusal(w, &delivery.Refusal{Code: pb.RefusalCode_REFUSAL_CODE_INVALID, Message: "every payload needs a user and a device"})
@@ -303,6 +323,7 @@ var refusalStatus = map[pb.RefusalCode]int{
 	pb.RefusalCode_REFUSAL_CODE_STORAGE_UNAVAILABLE: http.StatusServiceUnavailable,
 	pb.RefusalCode_REFUSAL_CODE_SHUTTING_DOWN:       http.StatusServiceUnavailable,
 	pb.RefusalCode_REFUSAL_CODE_RATE_LIMITED:        http.StatusTooManyRequests,
+	pb.RefusalCode_REFUSAL_CODE_STALE_GROUP:         http.StatusConflict,
 }
 
 func (a *API) refusal(w http.ResponseWriter, r *delivery.Refusal) {
@@ -310,7 +331,7 @@ func (a *API) refusal(w http.ResponseWriter, r *delivery.Refusal) {
 	if !ok {
 		status = http.StatusBadRequest
 	}
-	d := apierr.Detail{Code: delivery.CodeName(r.Code), Message: r.Message, RetryAfterMs: r.RetryAfter.Milliseconds()}
+	d := apierr.Detail{Code: delivery.CodeName(r.Code), Message: r.Message, RetryAfterMs: r.RetryAfter.Milliseconds(), GroupVersion: r.GroupVersion}
 	for _, ud := range r.Devices {
 		d.Devices = append(d.Devices, apierr.UserDevices{User: ud.User, Devices: ud.Devices})
 	}

@@ -22,6 +22,8 @@ type Detail struct {
 	Devices []UserDevices `json:"devices,omitempty"`
 	// RetryAfterMs suggests when to retry (also sent as Retry-After).
 	RetryAfterMs int64 `json:"retry_after_ms,omitempty"`
+	// GroupVersion is the group's current version (stale_group).
+	GroupVersion uint64 `json:"group_version,omitempty"`
 }
 
 // UserDevices is one user's current device ids.

@@ -4,6 +4,11 @@
 // and read reports into receipt events that flow back to the sender's
 // devices through their own mailboxes.
 //
+// Group messages (groups.go) are copied by the server: the sender sends one
+// payload, sealed with its sender key, and it goes to every device of every
+// member of the group but the sending device. Changes of a group's
+// membership are told to the members' devices in GROUP_UPDATE envelopes.
+//
 // It is used by both faces of the server: the WebSocket gateway and the
 // HTTP API. It does not know how devices are connected; a Notifier tells the
 // component that holds connections that a mailbox has new entries.
@@ -47,6 +52,9 @@ const (
 type Config struct {
 	Mailbox  mailbox.Store
 	Accounts accounts.Store
+	// Groups, when set, makes group sends possible (and GroupChanged
+	// useful); without it a group send is refused as invalid.
+	Groups   accounts.GroupStore
 	Notifier Notifier
 	Metrics  *metrics.Metrics
 	Logger   *slog.Logger
@@ -93,12 +101,22 @@ type Payload struct {
 	Data   []byte
 }
 
-// SendRequest is one message from one device.
+// SendRequest is one message from one device: a 1:1 message (To and one
+// payload per addressed device in Payloads) or a group message (Group,
+// GroupVersion and the one Payload for every device).
 type SendRequest struct {
 	From        ident.Device
 	ClientMsgID string
 	To          string
 	Payloads    []Payload
+	// Group is the group a group message is for; To and Payloads are then
+	// empty.
+	Group string
+	// GroupVersion is the group's version the sender's key was handed out
+	// for: it must be the current one (STALE_GROUP otherwise).
+	GroupVersion uint64
+	// Payload is a group message's one ciphertext.
+	Payload []byte
 }
 
 // Accepted is the answer to an accepted send.
@@ -115,6 +133,8 @@ type Refusal struct {
 	Message    string
 	Devices    []*pb.UserDevices // for STALE_DEVICES
 	RetryAfter time.Duration
+	// GroupVersion is the group's current version, for STALE_GROUP.
+	GroupVersion uint64
 }
 
 func (r *Refusal) Error() string { return fmt.Sprintf("refused (%s): %s", CodeName(r.Code), r.Message) }
@@ -137,6 +157,8 @@ func CodeName(c pb.RefusalCode) string {
 		return "shutting_down"
 	case pb.RefusalCode_REFUSAL_CODE_RATE_LIMITED:
 		return "rate_limited"
+	case pb.RefusalCode_REFUSAL_CODE_STALE_GROUP:
+		return "stale_group"
 	}
 	return "unspecified"
 }
@@ -160,8 +182,11 @@ func (s *Service) Send(ctx context.Context, req SendRequest) (Accepted, error) {
 
 // PendingSend is a send that StartSend has ordered; Wait says how it ended.
 type PendingSend struct {
-	s       *Service
-	pending mailbox.Pending
+	s *Service
+	// pending holds the send's appends: one, or for a group message to
+	// many devices one per chunk (see groups.go), the first of which
+	// decides whether the send is a duplicate.
+	pending []mailbox.Pending
 	items   []mailbox.Item
 	acc     Accepted
 	// waited holds Wait's result once it has been computed.
@@ -180,6 +205,12 @@ type PendingSend struct {
 func (s *Service) StartSend(ctx context.Context, req SendRequest) (*PendingSend, error) {
 	if n := len(req.ClientMsgID); n == 0 || n > MaxClientMsgID {
 		return nil, s.refuse(pb.RefusalCode_REFUSAL_CODE_INVALID, "client_msg_id must be 1 to %d bytes", MaxClientMsgID)
+	}
+	if req.Group != "" {
+		return s.startGroupSend(ctx, req)
+	}
+	if len(req.Payload) > 0 || req.GroupVersion != 0 {
+		return nil, s.refuse(pb.RefusalCode_REFUSAL_CODE_INVALID, "payload and group_version are for group messages; a 1:1 message has payloads")
 	}
 	if !ident.ValidUser(req.To) {
 		return nil, s.refuse(pb.RefusalCode_REFUSAL_CODE_INVALID, "to: %v", ident.ErrBadUser)
@@ -269,7 +300,7 @@ func (s *Service) StartSend(ctx context.Context, req SendRequest) (*PendingSend,
 		}
 		return nil, s.storageError(err)
 	}
-	return &PendingSend{s: s, pending: p, items: items,
+	return &PendingSend{s: s, pending: []mailbox.Pending{p}, items: items,
 		acc: Accepted{ServerID: serverID, Time: time.UnixMilli(now.UnixMilli())}}, nil
 }
 
@@ -289,18 +320,31 @@ func (p *PendingSend) Wait(ctx context.Context) (Accepted, error) {
 
 func (p *PendingSend) wait(ctx context.Context) (Accepted, error) {
 	s := p.s
-	res, err := p.pending.Wait(ctx)
-	if err != nil {
-		if ctx.Err() != nil {
-			return Accepted{}, ctx.Err()
+	var res mailbox.Result
+	for i, pend := range p.pending {
+		r, err := pend.Wait(ctx)
+		if err != nil {
+			if ctx.Err() != nil {
+				return Accepted{}, ctx.Err()
+			}
+			return Accepted{}, s.storageError(err)
 		}
-		return Accepted{}, s.storageError(err)
+		if i == 0 {
+			res = r
+		}
 	}
 	if res.Duplicate {
 		s.cfg.Metrics.Duplicates.Inc()
 		id, t, err := decodeAccepted(res.Receipt)
 		if err != nil {
 			return Accepted{}, fmt.Errorf("decode stored acceptance: %w", err)
+		}
+		if len(p.pending) > 1 {
+			// The later chunks may have been stored only now, finishing
+			// an earlier attempt.
+			for _, it := range p.items {
+				s.cfg.Notifier.Notify(it.Device)
+			}
 		}
 		return Accepted{ServerID: id, Time: t, Duplicate: true}, nil
 	}

@@ -58,6 +58,9 @@ type Options struct {
 	// connection. Empty means the URL's or the role's search_path decides
 	// (normally "public"). Tests use a fresh schema each for isolation.
 	Schema string
+	// MaxGroupMembers caps a group's members (accounts.GroupStore). Zero
+	// means accounts.DefaultMaxGroupMembers.
+	MaxGroupMembers int
 }
 
 // Store is an accounts.Store kept in PostgreSQL. It is safe for concurrent
@@ -65,6 +68,8 @@ type Options struct {
 type Store struct {
 	pool *pgxpool.Pool
 	log  *slog.Logger
+
+	maxGroupMembers int
 
 	closeOnce sync.Once
 }
@@ -110,7 +115,11 @@ func Open(ctx context.Context, url string, opts Options) (*Store, error) {
 		return nil, fmt.Errorf("accounts/postgres: open %s: %w", where, err)
 	}
 	log.Info("account store open", "server", where, "schema", schema, "schema_version", version)
-	return &Store{pool: pool, log: log}, nil
+	maxMembers := opts.MaxGroupMembers
+	if maxMembers <= 0 {
+		maxMembers = accounts.DefaultMaxGroupMembers
+	}
+	return &Store{pool: pool, log: log, maxGroupMembers: maxMembers}, nil
 }
 
 // migrateOn runs migrate on a connection of pool, telling a failure to

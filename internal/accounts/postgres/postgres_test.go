@@ -121,6 +121,21 @@ func TestConformance(t *testing.T) {
 	})
 }
 
+func TestGroupConformance(t *testing.T) {
+	pgURL := serverURL(t)
+	slots := make(chan struct{}, maxOpenSuiteStores)
+	accountstest.RunGroups(t, func(t *testing.T, maxMembers int) accounts.Store {
+		slots <- struct{}{}
+		t.Cleanup(func() { <-slots })
+		schema := freshSchema(t, pgURL)
+		s, err := Open(t.Context(), pgURL, Options{Schema: schema, MaxGroupMembers: maxMembers})
+		if err != nil {
+			t.Fatalf("Open: %v", err)
+		}
+		return s
+	})
+}
+
 // countingHandler counts log records by message.
 type countingHandler struct {
 	mu     sync.Mutex
@@ -366,7 +381,7 @@ func TestSearchPath(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if got, want := strings.Join(tables, ","), "device_keys,devices,one_time_prekeys,schema_migrations,users"; got != want {
+	if got, want := strings.Join(tables, ","), "device_keys,devices,group_members,groups,one_time_prekeys,schema_migrations,users"; got != want {
 		t.Errorf("tables in %s = %s, want %s", schema, got, want)
 	}
 }

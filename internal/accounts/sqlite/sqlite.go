@@ -48,6 +48,9 @@ type Options struct {
 	// MaxReaders caps the read-only connections. Zero means the larger of 4
 	// and GOMAXPROCS.
 	MaxReaders int
+	// MaxGroupMembers caps a group's members (accounts.GroupStore). Zero
+	// means accounts.DefaultMaxGroupMembers.
+	MaxGroupMembers int
 }
 
 const defaultBusyTimeout = 5 * time.Second
@@ -58,6 +61,8 @@ type Store struct {
 	log *slog.Logger
 	w   *sql.DB // exactly one connection; every write goes through it
 	r   *sql.DB // query_only connections for the read path
+
+	maxGroupMembers int
 
 	// Read statements, prepared on r.
 	getUser     *sql.Stmt
@@ -104,7 +109,10 @@ func Open(path string, opts Options) (*Store, error) {
 		readers = max(4, runtime.GOMAXPROCS(0))
 	}
 
-	s := &Store{log: log}
+	s := &Store{log: log, maxGroupMembers: opts.MaxGroupMembers}
+	if s.maxGroupMembers <= 0 {
+		s.maxGroupMembers = accounts.DefaultMaxGroupMembers
+	}
 	ok := false
 	defer func() {
 		if !ok {

@@ -34,6 +34,16 @@ func TestConformance(t *testing.T) {
 	})
 }
 
+func TestGroupConformance(t *testing.T) {
+	accountstest.RunGroups(t, func(t *testing.T, maxMembers int) accounts.Store {
+		s, err := Open(filepath.Join(t.TempDir(), "accounts.db"), Options{MaxGroupMembers: maxMembers})
+		if err != nil {
+			t.Fatalf("Open: %v", err)
+		}
+		return s
+	})
+}
+
 func TestReopen(t *testing.T) {
 	ctx := t.Context()
 	s, path := openTemp(t)

@@ -1,0 +1,185 @@
+package accounts
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/base64"
+	"errors"
+	"fmt"
+	"time"
+)
+
+// GroupStore keeps groups: an id, a version and the members, some of them
+// admins. That is all the server knows of a group; its name and picture
+// travel end-to-end encrypted between the members. Every backend of Store
+// implements it too (accountstest.RunGroups checks it); it is a separate
+// interface so that code which needs no groups need not see them.
+//
+// Every change (creation included) is one transaction that first locks the
+// group, so that concurrent changes, from any node, are serialised: each
+// sees the one before it, and each that changes something increments the
+// version by exactly one. A change that changes nothing (adding members who
+// are already in, making an admin an admin) keeps the version and reports
+// Changed false.
+//
+// A group has at most the store's member limit (DefaultMaxGroupMembers
+// unless the backend is configured otherwise), always at least one member
+// and at least one admin; when its last member leaves it is deleted.
+type GroupStore interface {
+	// CreateGroup creates a group of creator (its admin) and members
+	// (listed twice, or naming the creator, they collapse), with a new
+	// random id and version 1. A member that does not exist fails it with a
+	// *UnknownUserError (which is ErrNotFound); more than the limit with
+	// ErrTooManyMembers.
+	CreateGroup(ctx context.Context, creator string, members []string) (GroupChange, error)
+	// Group returns a group. ErrNotFound if it does not exist.
+	Group(ctx context.Context, id string) (Group, error)
+	// Groups returns the groups user is a member of (id and version; no
+	// members), in id order. None for an unknown user.
+	Groups(ctx context.Context, user string) ([]GroupRef, error)
+	// AddMembers adds users to a group. Only an admin may: ErrForbidden for
+	// another member, ErrNotFound when by is not a member or the group does
+	// not exist. Users already in are ignored. A user that does not exist
+	// fails it with a *UnknownUserError, going over the limit with
+	// ErrTooManyMembers; either way nothing is added.
+	AddMembers(ctx context.Context, id, by string, users []string) (GroupChange, error)
+	// RemoveMember removes user from a group: an admin may remove anyone,
+	// and every member may remove themselves (by == user: leaving). When
+	// the last admin leaves, the longest-standing remaining member becomes
+	// admin; when the last member leaves, the group is deleted (Deleted).
+	// ErrNotFound when by is not a member or the group does not exist,
+	// ErrNotMember when user is not a member, ErrForbidden when by is not
+	// an admin and removes someone else.
+	RemoveMember(ctx context.Context, id, by, user string) (GroupChange, error)
+	// SetAdmin makes user an admin of a group or not. Only an admin may
+	// (ErrForbidden otherwise; ErrNotFound, ErrNotMember as RemoveMember).
+	// Taking the last admin's role fails with ErrLastAdmin: a group always
+	// has an admin (who may leave, handing the role on).
+	SetAdmin(ctx context.Context, id, by, user string, admin bool) (GroupChange, error)
+}
+
+// DefaultMaxGroupMembers is a group's member limit unless a backend is
+// configured with another.
+const DefaultMaxGroupMembers = 256
+
+// Group is a group as the server knows it.
+type Group struct {
+	ID string
+	// Version counts the changes of the group: 1 when created, one more
+	// with every change.
+	Version uint64
+	// Members in the order they joined (the creator first).
+	Members []GroupMember
+	Created time.Time
+}
+
+// GroupMember is one member of a group.
+type GroupMember struct {
+	User  string
+	Admin bool
+}
+
+// IsMember reports whether user is one of g's members, and an admin.
+func (g Group) IsMember(user string) (member, admin bool) {
+	for _, m := range g.Members {
+		if m.User == user {
+			return true, m.Admin
+		}
+	}
+	return false, false
+}
+
+// GroupRef names a group and its version.
+type GroupRef struct {
+	ID      string
+	Version uint64
+}
+
+// GroupChange is what a change of a group did.
+type GroupChange struct {
+	// Group is the group after the change: its members then and its
+	// version. A deleted group has no members, and the version its last
+	// change gave it.
+	Group Group
+	// Changed is false for a change that changed nothing (the version is
+	// then the group's current one).
+	Changed bool
+	// Added and Removed are the users the change added and removed, in
+	// order.
+	Added, Removed []string
+	// Deleted says the last member left and the group is gone.
+	Deleted bool
+}
+
+// Errors of GroupStore.
+var (
+	ErrForbidden      = errors.New("accounts: only a group admin may do that")
+	ErrNotMember      = errors.New("accounts: not a member of the group")
+	ErrTooManyMembers = errors.New("accounts: too many group members")
+	ErrLastAdmin      = errors.New("accounts: a group needs an admin")
+)
+
+// UnknownUserError says which user named in a group change does not exist.
+// It is ErrNotFound (errors.Is).
+type UnknownUserError struct{ User string }
+
+func (e *UnknownUserError) Error() string { return fmt.Sprintf("accounts: no user %q", e.User) }
+
+// Unwrap makes the error ErrNotFound.
+func (e *UnknownUserError) Unwrap() error { return ErrNotFound }
+
+// TooManyMembersError says by how much a change would go over a group's
+// member limit. It is ErrTooManyMembers (errors.Is).
+type TooManyMembersError struct {
+	Members int // what the group would have
+	Limit   int
+}
+
+func (e *TooManyMembersError) Error() string {
+	return fmt.Sprintf("accounts: the group would have %d members; it may have at most %d", e.Members, e.Limit)
+}
+
+// Unwrap makes the error ErrTooManyMembers.
+func (e *TooManyMembersError) Unwrap() error { return ErrTooManyMembers }
+
+// TooManyMembers returns a *TooManyMembersError.
+func TooManyMembers(n, limit int) error { return &TooManyMembersError{Members: n, Limit: limit} }
+
+// GroupIDBytes is the size of a group id: 128 random bits.
+const GroupIDBytes = 16
+
+// groupIDLen is the length of a group id as text (unpadded base64url).
+var groupIDLen = base64.RawURLEncoding.EncodedLen(GroupIDBytes)
+
+// NewGroupID returns a new random group id: 128 bits, as 22 characters of
+// unpadded URL-safe base64.
+func NewGroupID() string {
+	var b [GroupIDBytes]byte
+	if _, err := rand.Read(b[:]); err != nil {
+		panic("accounts: crypto/rand failed: " + err.Error())
+	}
+	return base64.RawURLEncoding.EncodeToString(b[:])
+}
+
+// ValidGroupID reports whether id has the form NewGroupID gives.
+func ValidGroupID(id string) bool {
+	if len(id) != groupIDLen {
+		return false
+	}
+	b, err := base64.RawURLEncoding.Strict().DecodeString(id)
+	return err == nil && len(b) == GroupIDBytes
+}
+
+// CollapseMembers returns creator followed by members, each user once, in
+// first-seen order: the members of a new group.
+func CollapseMembers(creator string, members []string) []string {
+	out := make([]string, 0, len(members)+1)
+	seen := make(map[string]bool, len(members)+1)
+	for _, u := range append([]string{creator}, members...) {
+		if !seen[u] {
+			seen[u] = true
+			out = append(out, u)
+		}
+	}
+	return out
+}
