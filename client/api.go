@@ -88,10 +88,13 @@ type MessageEvent struct {
 	FromDevice  uint32
 	// To is the user the message was sent to: this user, or, for a copy of
 	// a message sent by another of this user's devices (Sync), the peer.
-	To   string
-	Sync bool
-	Time time.Time // server acceptance time
-	Body []byte
+	To string
+	// Group is set for a message to a group: the group's id (To is then
+	// empty).
+	Group string
+	Sync  bool
+	Time  time.Time // server acceptance time
+	Body  []byte
 	// Err is set, and Body nil, when Config.Open could not open the
 	// payload. The message is still reported once and acknowledged.
 	Err error
@@ -103,7 +106,8 @@ type MessageEvent struct {
 // server's acceptance.
 type ReceiptEvent struct {
 	Message  MessageRef
-	To       string // the peer the message was sent to, if known
+	To       string // the peer the message was sent to, if known (GroupPeer for a group)
+	Group    string // for a message to a group: its id; By is then the member the receipt is from
 	Status   Status
 	By       string // the user whose device produced the receipt
 	ByDevice uint32
@@ -129,7 +133,8 @@ type TypingEvent struct {
 // or Config.Seal failed. It is how SendAsync callers learn of failures.
 type SendFailedEvent struct {
 	Message MessageRef // ClientMsgID only
-	To      string
+	To      string     // the recipient, or GroupPeer of the group
+	Group   string     // for a message to a group: its id
 	Err     error
 }
 

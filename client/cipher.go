@@ -41,6 +41,7 @@ type Inbound struct {
 	ClientMsgID string // as the envelope says: for a resend, a new id
 	From        Device
 	To          string
+	Group       string // a group message: the group (To is empty)
 	Time        time.Time
 	Payload     []byte
 }
@@ -56,6 +57,10 @@ type Opened struct {
 	// between ciphers, or a message it was given before. The entry is
 	// acknowledged and marked seen.
 	Drop bool
+	// GroupInfo, if set, is a group's details (its name) that a member
+	// sent this user: the Client checks the sender is a member and stores
+	// them. Drop is then true.
+	GroupInfo *GroupInfo
 }
 
 // Temporary reports whether the cause of a SealError may go away by

@@ -64,6 +64,10 @@ type Config struct {
 	// is used; pass one to share it or to seed it from a local store.
 	Tracker *Tracker
 
+	// Groups persists the groups this device knows (names, members). If
+	// nil, they live in memory only.
+	Groups GroupStore
+
 	// Seal encrypts body for one device; Open decrypts a payload from one.
 	// They are the hooks for end-to-end encryption; if nil, payloads are
 	// the plaintext. A Seal error fails the send for good (SendFailedEvent);
@@ -100,6 +104,10 @@ type Client struct {
 	seen    SeenStore
 	store   OutboxStore
 	tracker *Tracker
+	members *Tracker // group messages: the state per member
+	groups  GroupStore
+	groupMu sync.Mutex // load-modify-save of groups
+	sealMu  sync.Mutex // a group message's seal vs. a membership change (after groupMu)
 	backoff backoff
 
 	// ctx ends when the client is closed; its work runs under it.
@@ -148,6 +156,9 @@ func New(cfg Config) (*Client, error) {
 	if cfg.Tracker == nil {
 		cfg.Tracker = new(Tracker)
 	}
+	if cfg.Groups == nil {
+		cfg.Groups = &memGroups{}
+	}
 	if cfg.Seal == nil {
 		cfg.Seal = func(_ context.Context, _ Device, body []byte) ([]byte, error) { return body, nil }
 	}
@@ -180,6 +191,8 @@ func New(cfg Config) (*Client, error) {
 		seen:    cfg.Seen,
 		store:   cfg.Outbox,
 		tracker: cfg.Tracker,
+		members: new(Tracker),
+		groups:  cfg.Groups,
 		backoff: backoff{min: cfg.MinBackoff, max: cfg.MaxBackoff},
 		events:  newQueue[dispatchItem](),
 		outbox:  outbox{queue: newQueue[*outItem](), retry: make(chan struct{}, 1)},
@@ -188,7 +201,7 @@ func New(cfg Config) (*Client, error) {
 	}
 	for _, m := range pending {
 		if !m.hidden() {
-			c.tracker.Track(MessageRef{ClientMsgID: m.ClientMsgID}, m.To)
+			c.tracker.Track(MessageRef{ClientMsgID: m.ClientMsgID}, m.peer())
 		}
 		c.outbox.queue.push(&outItem{msg: m})
 	}
@@ -252,6 +265,11 @@ func (c *Client) Send(ctx context.Context, to string, body []byte) (Sent, error)
 	if err != nil {
 		return Sent{}, err
 	}
+	return c.wait(ctx, it)
+}
+
+// wait waits for the outcome of a message in the outbox.
+func (c *Client) wait(ctx context.Context, it *outItem) (Sent, error) {
 	select {
 	case r := <-it.done:
 		return r.sent, r.err

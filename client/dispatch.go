@@ -3,6 +3,7 @@ package client
 import (
 	"errors"
 	"slices"
+	"strings"
 
 	courierv1 "github.com/courier-im/courier/proto/courier/v1"
 )
@@ -109,7 +110,10 @@ func (c *Client) deliver(env *courierv1.Envelope) bool {
 		if c.cfg.Cipher != nil {
 			var o Opened
 			o, err = c.cfg.Cipher.Open(c.ctx, Inbound{ServerID: id, ClientMsgID: clientMsgID, From: from,
-				To: env.GetTo(), Time: timeMs(env.GetServerTimeMs()), Payload: env.GetPayload()})
+				To: env.GetTo(), Group: env.GetGroup(), Time: timeMs(env.GetServerTimeMs()), Payload: env.GetPayload()})
+			if err == nil && o.GroupInfo != nil {
+				c.groupInfo(from, o.GroupInfo, timeMs(env.GetServerTimeMs()))
+			}
 			if err == nil && o.Drop {
 				break
 			}
@@ -128,7 +132,11 @@ func (c *Client) deliver(env *courierv1.Envelope) bool {
 			// Sent by another device of this user: its receipts come here
 			// too, so track it from the state it is known to have reached.
 			ref := MessageRef{ServerID: id, ClientMsgID: clientMsgID}
-			c.tracker.Track(ref, env.GetTo())
+			peer := env.GetTo()
+			if g := env.GetGroup(); g != "" {
+				peer = GroupPeer(g)
+			}
+			c.tracker.Track(ref, peer)
 			c.tracker.Advance(ref, StatusSent)
 		}
 		c.handle(&MessageEvent{
@@ -137,6 +145,7 @@ func (c *Client) deliver(env *courierv1.Envelope) bool {
 			From:        from.User,
 			FromDevice:  from.ID,
 			To:          env.GetTo(),
+			Group:       env.GetGroup(),
 			Sync:        from.User == c.self.User,
 			Time:        timeMs(env.GetServerTimeMs()),
 			Body:        body,
@@ -150,6 +159,10 @@ func (c *Client) deliver(env *courierv1.Envelope) bool {
 		}
 		for _, m := range env.GetReceipt().GetMessages() {
 			ref := MessageRef{ServerID: m.GetServerId(), ClientMsgID: m.GetClientMsgId()}
+			if group := c.groupOf(ref); group != "" {
+				c.groupReceipt(env, ref, group, st)
+				continue
+			}
 			if !c.tracker.Advance(ref, st) {
 				continue
 			}
@@ -166,6 +179,8 @@ func (c *Client) deliver(env *courierv1.Envelope) bool {
 				Time:     timeMs(env.GetServerTimeMs()),
 			})
 		}
+	case courierv1.EnvelopeKind_ENVELOPE_KIND_GROUP_UPDATE:
+		c.groupUpdate(env)
 	case courierv1.EnvelopeKind_ENVELOPE_KIND_KEYS_LOW:
 		n := int(env.GetKeysLow().GetRemaining())
 		if kl, ok := c.cfg.Cipher.(KeysLowHandler); ok {
@@ -212,4 +227,47 @@ func (b *ackBatch) flush(c *Client) {
 		}
 	}
 	b.sessions, b.seqs = nil, nil
+}
+
+// groupOf returns the group a sent message named by ref went to, if the
+// tracker knows it as a group message.
+func (c *Client) groupOf(ref MessageRef) string {
+	peer := ""
+	if ref.ServerID != "" {
+		peer = c.tracker.Peer(ref.ServerID)
+	}
+	if peer == "" && ref.ClientMsgID != "" {
+		peer = c.tracker.Peer(ref.ClientMsgID)
+	}
+	if g, ok := strings.CutPrefix(peer, "#"); ok {
+		return g
+	}
+	return ""
+}
+
+// groupReceipt reports a receipt for a group message, per member: each
+// member's state moves forward on its own (the message's own state is the
+// furthest any member reached).
+func (c *Client) groupReceipt(env *courierv1.Envelope, ref MessageRef, group string, st Status) {
+	by := env.GetSender()
+	c.tracker.Advance(ref, st)
+	if by == c.self.User {
+		return // another device of this user has the message: not news
+	}
+	id := ref.ServerID
+	if id == "" {
+		id = ref.ClientMsgID
+	}
+	if !c.members.Advance(MessageRef{ServerID: by + "/" + id}, st) {
+		return
+	}
+	c.handle(&ReceiptEvent{
+		Message:  ref,
+		To:       GroupPeer(group),
+		Group:    group,
+		Status:   st,
+		By:       by,
+		ByDevice: env.GetSenderDevice(),
+		Time:     timeMs(env.GetServerTimeMs()),
+	})
 }

@@ -30,6 +30,12 @@
 //	go c.Run(ctx)
 //	sent, err := c.Send(ctx, "bob", []byte("dinner at 8?"))
 //
+// Groups (CreateGroup, SendGroup, AddMembers, RemoveMember, Leave) are
+// end-to-end encrypted only: the server keeps a group's id and members,
+// and a Cipher implementing GroupCipher seals each group message once
+// with the sending device's sender key, handed to the members' devices
+// over the pairwise sessions first.
+//
 // Without Config.Cipher, payloads travel as plaintext (the mode load tools
 // use). Package client/e2e is the end-to-end encryption layer (the Signal
 // protocol) to set there; package client/localstore is the SQLite store for

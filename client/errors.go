@@ -36,6 +36,8 @@ const (
 	CodeUnknownRecipient   = "unknown_recipient"
 	CodeNameTaken          = "name_taken"
 	CodeStaleDevices       = "stale_devices"
+	CodeStaleGroup         = "stale_group"
+	CodeNotMember          = "not_member"
 	CodePayloadTooLarge    = "payload_too_large"
 	CodeRateLimited        = "rate_limited"
 	CodeStorageUnavailable = "storage_unavailable"
@@ -62,6 +64,9 @@ type RefusedError struct {
 	RetryAfter time.Duration
 	// Devices holds, for stale_devices, the current device ids per user.
 	Devices map[string][]uint32
+	// GroupVersion is, for stale_group, the group's current membership
+	// version.
+	GroupVersion uint64
 }
 
 // Error returns the code and the server's message.

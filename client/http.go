@@ -95,6 +95,7 @@ type errorBody struct {
 		Code         string `json:"code"`
 		Message      string `json:"message"`
 		RetryAfterMs int64  `json:"retry_after_ms"`
+		GroupVersion uint64 `json:"group_version"`
 		Devices      []struct {
 			User    string   `json:"user"`
 			Devices []uint32 `json:"devices"`
@@ -112,6 +113,7 @@ func responseError(resp *http.Response) *RefusedError {
 		re.Code = eb.Error.Code
 		re.Message = eb.Error.Message
 		re.RetryAfter = time.Duration(eb.Error.RetryAfterMs) * time.Millisecond
+		re.GroupVersion = eb.Error.GroupVersion
 		for _, ud := range eb.Error.Devices {
 			if re.Devices == nil {
 				re.Devices = map[string][]uint32{}

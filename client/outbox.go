@@ -24,10 +24,26 @@ type OutboxMessage struct {
 	// id because a device could not decrypt it. Like Control, it is not
 	// tracked or reported.
 	ContentID string
+	// Group, with To empty, makes this a message to a group (sealed once
+	// with the sender key, GroupCipher.SealGroup). With To and Control
+	// set, Body is the name of group Group, sent to member To.
+	Group string
 }
 
 // hidden reports whether m is not a message the user sent just now.
 func (m OutboxMessage) hidden() bool { return m.Control || m.ContentID != "" }
+
+// ToGroup reports whether m is a message to a group.
+func (m OutboxMessage) ToGroup() bool { return m.To == "" && m.Group != "" }
+
+// peer is the conversation m belongs to: the recipient user, or
+// GroupPeer of the group.
+func (m OutboxMessage) peer() string {
+	if m.ToGroup() {
+		return GroupPeer(m.Group)
+	}
+	return m.To
+}
 
 // OutboxStore persists the outbox, so that messages not yet accepted
 // survive a restart and are sent, with the same client message ids, by the
@@ -64,6 +80,9 @@ type outbox struct {
 type outItem struct {
 	msg  OutboxMessage
 	done chan sendResult // nil if no one waits (SendAsync, restored)
+	// barrier, if set, makes this a marker of Flush, closed when the
+	// outbox reaches it.
+	barrier chan struct{}
 }
 
 type sendResult struct {
@@ -118,7 +137,12 @@ func (c *Client) enqueueMessage(m OutboxMessage, wait bool) (*outItem, error) {
 	if c.isClosed() {
 		return nil, ErrClosed
 	}
-	if !validUser(m.To) {
+	switch {
+	case m.ToGroup():
+		if !validGroupID(m.Group) {
+			return nil, fmt.Errorf("courier: send: bad group id %q", m.Group)
+		}
+	case !validUser(m.To):
 		return nil, fmt.Errorf("courier: send: bad user name %q", m.To)
 	}
 	m.ClientMsgID, m.From, m.Body, m.Created = newClientMsgID(), c.self, slices.Clone(m.Body), time.Now()
@@ -130,7 +154,7 @@ func (c *Client) enqueueMessage(m OutboxMessage, wait bool) (*outItem, error) {
 		it.done = make(chan sendResult, 1)
 	}
 	if !m.hidden() {
-		c.tracker.Track(MessageRef{ClientMsgID: m.ClientMsgID}, m.To)
+		c.tracker.Track(MessageRef{ClientMsgID: m.ClientMsgID}, m.peer())
 	}
 	c.outbox.queue.push(it)
 	return it, nil
@@ -143,7 +167,7 @@ func (c *Client) enqueueMessage(m OutboxMessage, wait bool) (*outItem, error) {
 // comes up.
 func (c *Client) outboxLoop() {
 	defer c.outboxDone.Done()
-	attempt, stale := 0, 0
+	attempt, stale, staleGroup := 0, 0, 0
 	for {
 		it, ok := c.outbox.queue.first()
 		if !ok {
@@ -153,6 +177,11 @@ func (c *Client) outboxLoop() {
 			case <-c.ctx.Done():
 				return
 			}
+		}
+		if it.barrier != nil {
+			c.outbox.queue.dropFirst()
+			close(it.barrier)
+			continue
 		}
 		sent, err := c.attempt(c.ctx, it)
 		if err != nil && c.isClosed() {
@@ -168,7 +197,7 @@ func (c *Client) outboxLoop() {
 		switch {
 		case err == nil:
 			c.finish(it, sent, nil)
-			attempt, stale = 0, 0
+			attempt, stale, staleGroup = 0, 0, 0
 			continue
 		case sealErr && se.Temporary():
 			var sre *RefusedError
@@ -176,10 +205,25 @@ func (c *Client) outboxLoop() {
 				re, refused = sre, true // for its retry-after hint
 			}
 		case sealErr:
-			c.log.Info("outbox: message cannot be sealed", "msg", it.msg.ClientMsgID, "to", it.msg.To, "err", err)
+			c.log.Info("outbox: message cannot be sealed", "msg", it.msg.ClientMsgID, "to", it.msg.peer(), "err", err)
 			c.finish(it, Sent{}, err)
-			attempt, stale = 0, 0
+			attempt, stale, staleGroup = 0, 0, 0
 			continue
+		case refused && re.Code == CodeStaleGroup:
+			// The membership changed: refresh it (new members get the
+			// sender key in the next seal; removals replace it).
+			ctx, cancel := context.WithTimeout(c.ctx, attemptTimeout)
+			_, rerr := c.RefreshGroup(ctx, it.msg.Group)
+			cancel()
+			if errors.Is(rerr, ErrNotMember) {
+				c.finish(it, Sent{}, rerr)
+				attempt, stale, staleGroup = 0, 0, 0
+				continue
+			}
+			if staleGroup++; rerr == nil && staleGroup <= maxStaleGroupRetries {
+				c.log.Debug("outbox: the group changed; retrying", "msg", it.msg.ClientMsgID, "group", it.msg.Group)
+				continue
+			}
 		case refused && re.Code == CodeStaleDevices:
 			c.learnDevices(re, it.msg.To)
 			if stale++; stale <= maxStaleRetries {
@@ -187,9 +231,9 @@ func (c *Client) outboxLoop() {
 				continue
 			}
 		case refused && !re.Temporary():
-			c.log.Info("outbox: message refused", "msg", it.msg.ClientMsgID, "to", it.msg.To, "err", err)
+			c.log.Info("outbox: message refused", "msg", it.msg.ClientMsgID, "to", it.msg.peer(), "err", err)
 			c.finish(it, Sent{}, err)
-			attempt, stale = 0, 0
+			attempt, stale, staleGroup = 0, 0, 0
 			continue
 		}
 		var hint time.Duration
@@ -216,22 +260,37 @@ func (c *Client) outboxLoop() {
 func (c *Client) attempt(ctx context.Context, it *outItem) (Sent, error) {
 	ctx, cancel := context.WithTimeout(ctx, attemptTimeout)
 	defer cancel()
-	targets, err := c.addressees(ctx, it.msg.To)
-	if err != nil {
-		return Sent{}, err
+	if it.msg.ToGroup() {
+		return c.attemptGroup(ctx, it)
 	}
+	_, sent, err := c.attemptPairwise(ctx, it.msg)
+	return sent, err
+}
+
+// attemptPairwise sends a message to a user, sealed for each of the
+// devices it goes to, which it returns.
+func (c *Client) attemptPairwise(ctx context.Context, m OutboxMessage) ([]Device, Sent, error) {
+	targets, err := c.addressees(ctx, m.To)
+	if err != nil {
+		return nil, Sent{}, err
+	}
+	sent, err := c.sealAndSend(ctx, m, targets)
+	return targets, sent, err
+}
+
+func (c *Client) sealAndSend(ctx context.Context, m OutboxMessage, targets []Device) (Sent, error) {
 	payloads := make([]devicePayload, len(targets))
 	if c.cfg.Cipher != nil {
-		sealed, err := c.cfg.Cipher.Seal(ctx, it.msg, targets)
+		sealed, err := c.cfg.Cipher.Seal(ctx, m, targets)
 		if err != nil {
 			var se *SealError
 			if errors.As(err, &se) {
 				return Sent{}, err
 			}
-			return Sent{}, &SealError{Device: Device{User: it.msg.To}, Err: err}
+			return Sent{}, &SealError{Device: Device{User: m.To}, Err: err}
 		}
 		if len(sealed) != len(targets) {
-			return Sent{}, &SealError{Device: Device{User: it.msg.To},
+			return Sent{}, &SealError{Device: Device{User: m.To},
 				Err: fmt.Errorf("cipher sealed %d payloads for %d devices", len(sealed), len(targets))}
 		}
 		for i, d := range targets {
@@ -239,7 +298,7 @@ func (c *Client) attempt(ctx context.Context, it *outItem) (Sent, error) {
 		}
 	} else {
 		for i, d := range targets {
-			data, err := c.cfg.Seal(ctx, d, it.msg.Body)
+			data, err := c.cfg.Seal(ctx, d, m.Body)
 			if err != nil {
 				return Sent{}, &SealError{Device: d, Err: err}
 			}
@@ -247,13 +306,13 @@ func (c *Client) attempt(ctx context.Context, it *outItem) (Sent, error) {
 		}
 	}
 	if s := c.session(); s != nil {
-		sent, err := s.send(ctx, it.msg.ClientMsgID, it.msg.To, payloads)
+		sent, err := s.send(ctx, m.ClientMsgID, m.To, payloads)
 		if !errors.Is(err, errDisconnected) {
 			return sent, err
 		}
 		// The connection went away mid-send: HTTP now, same client id.
 	}
-	return c.api.send(ctx, it.msg.ClientMsgID, it.msg.To, payloads)
+	return c.api.send(ctx, m.ClientMsgID, m.To, payloads)
 }
 
 // addressees lists the devices a message to user to goes to: every device
@@ -329,17 +388,17 @@ func (c *Client) finish(it *outItem, sent Sent, err error) {
 	}
 	if it.msg.hidden() {
 		if err != nil {
-			c.log.Warn("outbox: control message or resend not sent", "msg", it.msg.ClientMsgID, "to", it.msg.To, "err", err)
+			c.log.Warn("outbox: control message or resend not sent", "msg", it.msg.ClientMsgID, "to", it.msg.peer(), "err", err)
 		}
 	} else if err == nil {
 		if c.tracker.Advance(sent.MessageRef, StatusSent) {
 			c.events.push(dispatchItem{accepted: &ReceiptEvent{
-				Message: sent.MessageRef, To: it.msg.To, Status: StatusSent, Time: sent.Time}})
+				Message: sent.MessageRef, To: it.msg.peer(), Group: it.msg.Group, Status: StatusSent, Time: sent.Time}})
 		}
 	} else {
 		sent = Sent{MessageRef: MessageRef{ClientMsgID: it.msg.ClientMsgID}}
 		c.tracker.Forget(it.msg.ClientMsgID)
-		c.emit(&SendFailedEvent{Message: MessageRef{ClientMsgID: it.msg.ClientMsgID}, To: it.msg.To, Err: err})
+		c.emit(&SendFailedEvent{Message: MessageRef{ClientMsgID: it.msg.ClientMsgID}, To: it.msg.peer(), Group: it.msg.Group, Err: err})
 	}
 	if it.done != nil {
 		it.done <- sendResult{sent: sent, err: err}
@@ -351,5 +410,25 @@ func (c *Client) retryOutbox() {
 	select {
 	case c.outbox.retry <- struct{}{}:
 	default:
+	}
+}
+
+// Flush waits until every message put in the outbox before the call has
+// left it (accepted by the server, or failed), or ctx ends. A command
+// that queued messages (CreateGroup sends the group's name through the
+// outbox) calls it before it exits.
+func (c *Client) Flush(ctx context.Context) error {
+	if c.isClosed() {
+		return ErrClosed
+	}
+	it := &outItem{barrier: make(chan struct{})}
+	c.outbox.queue.push(it)
+	select {
+	case <-it.barrier:
+		return nil
+	case <-ctx.Done():
+		return fmt.Errorf("courier: the outbox is not empty yet (what it holds stays in it): %w", ctx.Err())
+	case <-c.ctx.Done():
+		return ErrClosed
 	}
 }

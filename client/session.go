@@ -274,6 +274,12 @@ func (s *session) send(ctx context.Context, clientMsgID, to string, payloads []d
 		}
 	}
 	f := &courierv1.ClientFrame{Body: &courierv1.ClientFrame_Send{Send: msg}}
+	return s.offer(ctx, clientMsgID, f)
+}
+
+// offer sends a Send frame and returns the server's acceptance, or the
+// refusal as a *RefusedError.
+func (s *session) offer(ctx context.Context, clientMsgID string, f *courierv1.ClientFrame) (Sent, error) {
 	if max := s.hello.GetMaxFrameBytes(); max > 0 && proto.Size(f) > int(max) {
 		// The server would close the connection over it.
 		return Sent{}, &RefusedError{Code: CodePayloadTooLarge,

@@ -15,6 +15,7 @@ var refusalCodes = map[courierv1.RefusalCode]string{
 	courierv1.RefusalCode_REFUSAL_CODE_STORAGE_UNAVAILABLE: CodeStorageUnavailable,
 	courierv1.RefusalCode_REFUSAL_CODE_SHUTTING_DOWN:       CodeShuttingDown,
 	courierv1.RefusalCode_REFUSAL_CODE_RATE_LIMITED:        CodeRateLimited,
+	courierv1.RefusalCode_REFUSAL_CODE_STALE_GROUP:         CodeStaleGroup,
 }
 
 // errorCodes names the protocol's error codes (the table in
@@ -38,7 +39,8 @@ func refusedFromFrame(r *courierv1.Refused) *RefusedError {
 	if !ok {
 		code = CodeInvalid
 	}
-	re := &RefusedError{Code: code, Message: r.GetMessage(), RetryAfter: time.Duration(r.GetRetryAfterMs()) * time.Millisecond}
+	re := &RefusedError{Code: code, Message: r.GetMessage(), RetryAfter: time.Duration(r.GetRetryAfterMs()) * time.Millisecond,
+		GroupVersion: r.GetGroupVersion()}
 	for _, ud := range r.GetDevices() {
 		if re.Devices == nil {
 			re.Devices = map[string][]uint32{}
@@ -84,6 +86,23 @@ func validUser(name string) bool {
 		switch {
 		case c >= 'a' && c <= 'z', c >= '0' && c <= '9':
 		case (c == '_' || c == '-') && i > 0:
+		default:
+			return false
+		}
+	}
+	return true
+}
+
+// validGroupID accepts the ids the server gives groups: 1-64 bytes of
+// letters, digits and -._~ (unreserved in a URL).
+func validGroupID(id string) bool {
+	if len(id) == 0 || len(id) > 64 {
+		return false
+	}
+	for i := 0; i < len(id); i++ {
+		c := id[i]
+		switch {
+		case c >= 'a' && c <= 'z', c >= 'A' && c <= 'Z', c >= '0' && c <= '9', c == '-', c == '_', c == '.', c == '~':
 		default:
 			return false
 		}

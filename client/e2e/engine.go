@@ -116,6 +116,7 @@ func (e *BlockedError) Error() string {
 // to resend when Asked.
 type DecryptError struct {
 	From        client.Device
+	Group       string // a group message: its group
 	ServerID    string
 	ClientMsgID string
 	Asked       bool
@@ -124,6 +125,9 @@ type DecryptError struct {
 
 func (e *DecryptError) Error() string {
 	s := fmt.Sprintf("message from %s could not be decrypted (%v)", e.From, e.Err)
+	if e.Group != "" {
+		s = fmt.Sprintf("group message from %s could not be decrypted (%v)", e.From, e.Err)
+	}
 	if e.Asked {
 		s += "; asked to resend"
 	}
@@ -437,11 +441,15 @@ func (e *Engine) Seal(ctx context.Context, m client.OutboxMessage, to []client.D
 	if m.ContentID != "" {
 		frame = m.Body // a resend: the frame sent the first time
 	} else {
-		kind := byte(kindMessage)
+		kind, body := byte(kindMessage), m.Body
 		if m.Control {
 			kind = kindControl
 		}
-		frame = inner{kind: kind, id: m.ClientMsgID, body: m.Body}.encode()
+		if m.Control && m.Group != "" {
+			// A group's name, for a member.
+			body = groupControl{op: opGroupInfo, group: m.Group, data: m.Body}.encode()
+		}
+		frame = inner{kind: kind, id: m.ClientMsgID, body: body}.encode()
 	}
 	byUser := map[string][]uint32{}
 	var users []string
@@ -672,7 +680,7 @@ func (e *Engine) Open(ctx context.Context, in client.Inbound) (client.Opened, er
 	// the session advanced and the message kept (a redelivery is answered
 	// from e2e_inbox), or neither (it is decrypted again).
 	var out client.Opened
-	var control *inner
+	var resend *resendRequest
 	var cause error
 	err = e.inTx(ctx, func() error {
 		plain, err := e.decrypt(ctx, in)
@@ -695,10 +703,30 @@ func (e *Engine) Open(ctx context.Context, in client.Inbound) (client.Opened, er
 			return n == 1, err
 		}
 		if m.kind == kindControl {
-			control = &m
 			out.Drop = true
-			_, err := record("", nil, true)
-			return err
+			if _, err := record("", nil, true); err != nil {
+				return err
+			}
+			if in.Group != "" {
+				e.log.Warn("e2e: dropping a control message sent to a group", "from", in.From, "group", in.Group)
+				return nil
+			}
+			op, err := decodeControlOp(m.body)
+			if err != nil {
+				e.log.Warn("e2e: bad control message", "from", in.From, "err", err)
+				return nil
+			}
+			switch op.op {
+			case opResend:
+				resend = &op.resend
+			case opSenderKey:
+				if err := e.takeSenderKey(ctx, in.From, op.group); err != nil {
+					e.log.Warn("e2e: cannot take a sender key", "from", in.From, "group", op.group.group, "err", err)
+				}
+			case opGroupInfo:
+				out.GroupInfo = &client.GroupInfo{Group: op.group.group, Name: string(op.group.data)}
+			}
+			return nil
 		}
 		fresh, err := record(m.id, m.body, false)
 		if err != nil {
@@ -720,8 +748,8 @@ func (e *Engine) Open(ctx context.Context, in client.Inbound) (client.Opened, er
 	if err != nil {
 		return client.Opened{}, err
 	}
-	if control != nil {
-		e.control(ctx, in, *control)
+	if resend != nil {
+		e.control(ctx, in, *resend)
 	}
 	return out, nil
 }
@@ -763,9 +791,14 @@ func (e *Engine) decrypt(ctx context.Context, in client.Inbound) (plain []byte, 
 			plain, err = nil, fmt.Errorf("%w: %v", errMalformed, r)
 		}
 	}()
+	if (in.Group != "") != (p[1] == typeSenderKey) {
+		return nil, fmt.Errorf("%w: message type %d for group %q", errMalformed, p[1], in.Group)
+	}
 	addr := protocol.NewSignalAddress(in.From.User, in.From.ID)
 	cipher := session.NewCipher(e.builder(addr), addr)
 	switch p[1] {
+	case typeSenderKey:
+		return e.decryptGroup(ctx, in, p[2:])
 	case typePreKey:
 		msg, err := protocol.NewPreKeySignalMessageFromBytes(p[2:], e.ser.PreKeySignalMessage, e.ser.SignalMessage)
 		if err != nil {
@@ -794,8 +827,18 @@ func (e *Engine) decrypt(ctx context.Context, in client.Inbound) (plain []byte, 
 // send the message again. A message from a device whose identity key
 // changed is not asked for again: the user must look at that first.
 func (e *Engine) failed(ctx context.Context, in client.Inbound, cause error) error {
-	derr := &DecryptError{From: in.From, ServerID: in.ServerID, ClientMsgID: in.ClientMsgID, Err: cause}
-	if errors.Is(cause, signalerror.ErrUntrustedIdentity) {
+	derr := &DecryptError{From: in.From, Group: in.Group, ServerID: in.ServerID, ClientMsgID: in.ClientMsgID, Err: cause}
+	if c := e.client.Load(); in.Group != "" && c != nil && in.From != e.self {
+		// The sender key is missing or old (a device that joined or was
+		// not handed it): the pairwise session is fine. Ask the sender's
+		// device to hand its key again and resend.
+		req := resendRequest{device: in.From.ID, ids: []string{in.ClientMsgID}}
+		if _, err := c.SendControl(in.From.User, req.encode(), true, ""); err != nil {
+			e.log.Error("e2e: ask for a resend", "from", in.From, "group", in.Group, "err", err)
+		} else {
+			derr.Asked = true
+		}
+	} else if errors.Is(cause, signalerror.ErrUntrustedIdentity) {
 		e.mu.Lock()
 		e.identityChanged(ctx, in.From.User, in.From.ID)
 		e.mu.Unlock()
@@ -822,13 +865,8 @@ func (e *Engine) failed(ctx context.Context, in client.Inbound, cause error) err
 	return derr
 }
 
-// control acts on a control message.
-func (e *Engine) control(ctx context.Context, in client.Inbound, m inner) {
-	req, err := decodeControl(m.body)
-	if err != nil {
-		e.log.Warn("e2e: bad control message", "from", in.From, "err", err)
-		return
-	}
+// control acts on a resend request.
+func (e *Engine) control(ctx context.Context, in client.Inbound, req resendRequest) {
 	if req.device != e.self.ID {
 		return // for another device of this user
 	}
@@ -837,14 +875,19 @@ func (e *Engine) control(ctx context.Context, in client.Inbound, m inner) {
 		return
 	}
 	for _, id := range req.ids {
-		var to string
+		var to, group string
 		var frame []byte
-		err := e.db.QueryRowContext(ctx, "SELECT to_user, body FROM e2e_sent WHERE client_msg_id = ?", id).Scan(&to, &frame)
+		err := e.db.QueryRowContext(ctx, "SELECT to_user, body, group_id FROM e2e_sent WHERE client_msg_id = ?", id).Scan(&to, &frame, &group)
 		if errors.Is(err, sql.ErrNoRows) {
 			e.log.Info("e2e: asked to resend a message this device does not have", "from", in.From, "msg", id)
 			continue
 		}
-		if err == nil {
+		if err == nil && group != "" {
+			err = e.reshare(ctx, c, in.From, group)
+			if err == nil {
+				_, err = c.ResendGroup(group, frame, id)
+			}
+		} else if err == nil {
 			_, err = c.SendControl(to, frame, false, id)
 		}
 		if err != nil {
@@ -862,9 +905,27 @@ func (e *Engine) control(ctx context.Context, in client.Inbound, m inner) {
 // identity keys and verifications are kept: they are still theirs.
 func Reset(store *localstore.Store) error {
 	_, err := store.DB().Exec(`DELETE FROM e2e_identity; DELETE FROM e2e_prekeys; DELETE FROM e2e_signed_prekeys;
-		DELETE FROM e2e_sessions; DELETE FROM e2e_inbox; DELETE FROM e2e_sent;`)
+		DELETE FROM e2e_sessions; DELETE FROM e2e_inbox; DELETE FROM e2e_sent;
+		DELETE FROM e2e_sender_keys; DELETE FROM e2e_sender_key_shared;`)
 	if err != nil {
 		return fmt.Errorf("e2e: reset: %w", err)
+	}
+	return nil
+}
+
+// reshare makes the next message to group hand this device's sender key
+// to dev again (it could not decrypt a message), after refreshing the
+// device list of dev's user (dev may be new) when there is a Client.
+func (e *Engine) reshare(ctx context.Context, c *client.Client, dev client.Device, group string) error {
+	if _, err := e.db.ExecContext(ctx, "DELETE FROM e2e_sender_key_shared WHERE group_id = ? AND user = ? AND device = ?",
+		group, dev.User, dev.ID); err != nil {
+		return fmt.Errorf("e2e: sender key holders: %w", err)
+	}
+	if c == nil {
+		return nil
+	}
+	if _, err := c.Devices(ctx, dev.User); err != nil {
+		e.log.Info("e2e: refresh the devices of a group member", "user", dev.User, "err", err)
 	}
 	return nil
 }

@@ -10,8 +10,9 @@ import (
 //
 //	version (1 byte, 1) | type (1 byte) | libsignal message
 //
-// with type 1 a PreKeySignalMessage (first messages of a session) or 2 a
-// SignalMessage. Inner, the plaintext libsignal encrypts:
+// with type 1 a PreKeySignalMessage (first messages of a session), 2 a
+// SignalMessage, or 3 a SenderKeyMessage (a group message, sealed with the
+// sending device's sender key). Inner, the plaintext libsignal encrypts:
 //
 //	kind (1 byte) | uvarint len | message id | uvarint len | body | zero padding
 //
@@ -21,14 +22,17 @@ import (
 const (
 	payloadVersion = 1
 
-	typePreKey  = 1
-	typeWhisper = 2
+	typePreKey    = 1
+	typeWhisper   = 2
+	typeSenderKey = 3 // a group message: a SenderKeyMessage (signed)
 
 	kindMessage = 1
 	kindControl = 2
 
 	// Control operations (the first byte of a control body).
-	opResend = 1 // uvarint target device, uvarint count, then count ids
+	opResend    = 1 // uvarint target device, uvarint count, then count ids
+	opSenderKey = 2 // group id, then a SenderKeyDistributionMessage (each uvarint-length-prefixed)
+	opGroupInfo = 3 // group id, then the group's name (each uvarint-length-prefixed)
 
 	padBlock = 32
 
@@ -101,6 +105,58 @@ func (r resendRequest) encode() []byte {
 		b = append(b, id...)
 	}
 	return b
+}
+
+// groupControl is the body of an opSenderKey or opGroupInfo control
+// message: a group id and data (a SenderKeyDistributionMessage, or the
+// group's name).
+type groupControl struct {
+	op    byte
+	group string
+	data  []byte
+}
+
+// maxGroupIDLen bounds group ids in control messages.
+const maxGroupIDLen = 64
+
+func (g groupControl) encode() []byte {
+	b := []byte{g.op}
+	b = binary.AppendUvarint(b, uint64(len(g.group)))
+	b = append(b, g.group...)
+	b = binary.AppendUvarint(b, uint64(len(g.data)))
+	return append(b, g.data...)
+}
+
+// control is a decoded control body: a resend request or a group
+// operation.
+type control struct {
+	op     byte
+	resend resendRequest
+	group  groupControl
+}
+
+func decodeControlOp(b []byte) (control, error) {
+	if len(b) < 1 {
+		return control{}, fmt.Errorf("%w: empty control message", errMalformed)
+	}
+	switch b[0] {
+	case opResend:
+		r, err := decodeControl(b)
+		return control{op: opResend, resend: r}, err
+	case opSenderKey, opGroupInfo:
+		g := groupControl{op: b[0]}
+		id, rest, err := field(b[1:], maxGroupIDLen)
+		if err != nil || len(id) == 0 {
+			return control{}, errMalformed
+		}
+		data, _, err := field(rest, len(rest))
+		if err != nil || len(data) == 0 {
+			return control{}, errMalformed
+		}
+		g.group, g.data = string(id), data
+		return control{op: g.op, group: g}, nil
+	}
+	return control{}, fmt.Errorf("%w: unknown control operation %d", errMalformed, b[0])
 }
 
 func decodeControl(b []byte) (resendRequest, error) {

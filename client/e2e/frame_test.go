@@ -72,3 +72,25 @@ func FuzzDecodeInner(f *testing.F) {
 		}
 	})
 }
+
+func FuzzDecodeControlOp(f *testing.F) {
+	f.Add(resendRequest{device: 2, ids: []string{"a"}}.encode())
+	f.Add(groupControl{op: opSenderKey, group: "g1", data: []byte{1, 2, 3}}.encode())
+	f.Add(groupControl{op: opGroupInfo, group: "g1", data: []byte("friends")}.encode())
+	f.Fuzz(func(t *testing.T, b []byte) {
+		c, err := decodeControlOp(b)
+		if err != nil {
+			return
+		}
+		switch c.op {
+		case opSenderKey, opGroupInfo:
+			if c.group.group == "" || len(c.group.group) > maxGroupIDLen || len(c.group.data) == 0 {
+				t.Fatalf("accepted %+v", c)
+			}
+			again, err := decodeControlOp(c.group.encode())
+			if err != nil || again.group.group != c.group.group || !bytes.Equal(again.group.data, c.group.data) {
+				t.Fatalf("round trip of %+v: %+v, %v", c, again, err)
+			}
+		}
+	})
+}

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"time"
 
+	grouprecord "go.mau.fi/libsignal/groups/state/record"
 	"go.mau.fi/libsignal/keys/identity"
 	"go.mau.fi/libsignal/protocol"
 	"go.mau.fi/libsignal/serialize"
@@ -236,4 +237,35 @@ func (s *signalStore) DeleteSession(ctx context.Context, addr *protocol.SignalAd
 func (s *signalStore) DeleteAllSessions(ctx context.Context) error {
 	_, err := s.q.ExecContext(ctx, "DELETE FROM e2e_sessions")
 	return err
+}
+
+// SenderKey store (libsignal groups): records per group and sending
+// device, in e2e_sender_keys.
+
+func (s *signalStore) StoreSenderKey(ctx context.Context, name *protocol.SenderKeyName, r *grouprecord.SenderKey) error {
+	_, err := s.q.ExecContext(ctx, "INSERT OR REPLACE INTO e2e_sender_keys (group_id, user, device, record) VALUES (?, ?, ?, ?)",
+		name.GroupID(), name.Sender().Name(), name.Sender().DeviceID(), r.Serialize())
+	if err != nil {
+		return fmt.Errorf("e2e: store sender key %s/%s: %w", name.GroupID(), name.Sender(), err)
+	}
+	return nil
+}
+
+// LoadSenderKey returns the record, empty if there is none (the group
+// cipher expects a record either way).
+func (s *signalStore) LoadSenderKey(ctx context.Context, name *protocol.SenderKeyName) (*grouprecord.SenderKey, error) {
+	var b []byte
+	err := s.q.QueryRowContext(ctx, "SELECT record FROM e2e_sender_keys WHERE group_id = ? AND user = ? AND device = ?",
+		name.GroupID(), name.Sender().Name(), name.Sender().DeviceID()).Scan(&b)
+	if errors.Is(err, sql.ErrNoRows) {
+		return grouprecord.NewSenderKey(s.ser.SenderKeyRecord, s.ser.SenderKeyState), nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("e2e: load sender key %s/%s: %w", name.GroupID(), name.Sender(), err)
+	}
+	r, err := grouprecord.NewSenderKeyFromBytes(b, s.ser.SenderKeyRecord, s.ser.SenderKeyState)
+	if err != nil {
+		return nil, fmt.Errorf("e2e: sender key %s/%s is corrupt: %w", name.GroupID(), name.Sender(), err)
+	}
+	return r, nil
 }

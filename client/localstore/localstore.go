@@ -40,10 +40,13 @@ type Message struct {
 	ServerID    string // "" while the message waits in the outbox
 	ClientMsgID string
 	Direction   Direction
-	Peer        string // the other user of the conversation
-	From        string
-	FromDevice  uint32
-	Body        []byte
+	// Peer is the conversation: the other user, or for a group message
+	// client.GroupPeer of the group ("#" and its id).
+	Peer       string
+	Group      string // a group message's group id
+	From       string
+	FromDevice uint32
+	Body       []byte
 	// Time is the server's acceptance time, or, while the message waits in
 	// the outbox, when it was queued.
 	Time time.Time
@@ -65,7 +68,10 @@ type Store struct {
 	db *sql.DB
 }
 
-var _ client.SeenStore = (*Store)(nil)
+var (
+	_ client.SeenStore  = (*Store)(nil)
+	_ client.GroupStore = (*Store)(nil)
+)
 
 // Open opens (creating it if needed) the database at path and brings its
 // schema up to date.
@@ -178,10 +184,13 @@ func (s *Store) RecordReceived(ev *client.MessageEvent) (bool, error) {
 	if ev.Sync {
 		dir, peer, status = Out, ev.To, client.StatusSent
 	}
+	if ev.Group != "" {
+		peer = client.GroupPeer(ev.Group)
+	}
 	res, err := s.db.Exec(`INSERT INTO messages
-		(server_id, client_msg_id, direction, peer, from_user, from_device, body, time, status)
-		VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING`,
-		ev.ServerID, ev.ClientMsgID, dir, peer, ev.From, ev.FromDevice, nonNil(ev.Body), ms(ev.Time), status)
+		(server_id, client_msg_id, direction, peer, group_id, from_user, from_device, body, time, status)
+		VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING`,
+		ev.ServerID, ev.ClientMsgID, dir, peer, ev.Group, ev.From, ev.FromDevice, nonNil(ev.Body), ms(ev.Time), status)
 	if err != nil {
 		return false, fmt.Errorf("localstore: record received: %w", err)
 	}
@@ -208,10 +217,14 @@ type execer interface {
 }
 
 func recordSent(db execer, m client.OutboxMessage) error {
+	peer, group := m.To, ""
+	if m.ToGroup() {
+		peer, group = client.GroupPeer(m.Group), m.Group
+	}
 	_, err := db.Exec(`INSERT INTO messages
-		(client_msg_id, direction, peer, from_user, from_device, body, time, status)
-		VALUES (?, 'out', ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING`,
-		m.ClientMsgID, m.To, m.From.User, m.From.ID, nonNil(m.Body), ms(m.Created), client.StatusPending)
+		(client_msg_id, direction, peer, group_id, from_user, from_device, body, time, status)
+		VALUES (?, 'out', ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING`,
+		m.ClientMsgID, peer, group, m.From.User, m.From.ID, nonNil(m.Body), ms(m.Created), client.StatusPending)
 	if err != nil {
 		return fmt.Errorf("localstore: record sent: %w", err)
 	}
@@ -253,7 +266,7 @@ func (s *Store) UpdateStatus(ref client.MessageRef, st client.Status) (bool, err
 	return n > 0, err
 }
 
-const messageColumns = `server_id, client_msg_id, direction, peer, from_user, from_device, body, time, status, read_at`
+const messageColumns = `server_id, client_msg_id, direction, peer, group_id, from_user, from_device, body, time, status, read_at`
 
 func scanMessages(rows *sql.Rows) ([]Message, error) {
 	defer rows.Close()
@@ -262,7 +275,7 @@ func scanMessages(rows *sql.Rows) ([]Message, error) {
 		var m Message
 		var serverID sql.NullString
 		var t, readAt sql.NullInt64
-		if err := rows.Scan(&serverID, &m.ClientMsgID, &m.Direction, &m.Peer, &m.From, &m.FromDevice,
+		if err := rows.Scan(&serverID, &m.ClientMsgID, &m.Direction, &m.Peer, &m.Group, &m.From, &m.FromDevice,
 			&m.Body, &t, &m.Status, &readAt); err != nil {
 			return nil, err
 		}
@@ -348,9 +361,9 @@ func (o outbox) Add(m client.OutboxMessage) error {
 		return err
 	}
 	defer tx.Rollback()
-	if _, err := tx.Exec(`INSERT INTO outbox (client_msg_id, from_user, from_device, to_user, body, created, control, content_id)
-		VALUES (?, ?, ?, ?, ?, ?, ?, ?)`, m.ClientMsgID, m.From.User, m.From.ID, m.To, nonNil(m.Body), ms(m.Created),
-		m.Control, m.ContentID); err != nil {
+	if _, err := tx.Exec(`INSERT INTO outbox (client_msg_id, from_user, from_device, to_user, body, created, control, content_id, group_id)
+		VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)`, m.ClientMsgID, m.From.User, m.From.ID, m.To, nonNil(m.Body), ms(m.Created),
+		m.Control, m.ContentID, m.Group); err != nil {
 		return fmt.Errorf("localstore: outbox: %w", err)
 	}
 	// A control message or a resend is not the user's: no history.
@@ -368,7 +381,7 @@ func (o outbox) Remove(clientMsgID string) error {
 }
 
 func (o outbox) Pending() ([]client.OutboxMessage, error) {
-	rows, err := o.s.db.Query(`SELECT client_msg_id, from_user, from_device, to_user, body, created, control, content_id
+	rows, err := o.s.db.Query(`SELECT client_msg_id, from_user, from_device, to_user, body, created, control, content_id, group_id
 		FROM outbox ORDER BY seq`)
 	if err != nil {
 		return nil, fmt.Errorf("localstore: outbox: %w", err)
@@ -378,7 +391,7 @@ func (o outbox) Pending() ([]client.OutboxMessage, error) {
 	for rows.Next() {
 		var m client.OutboxMessage
 		var created int64
-		if err := rows.Scan(&m.ClientMsgID, &m.From.User, &m.From.ID, &m.To, &m.Body, &created, &m.Control, &m.ContentID); err != nil {
+		if err := rows.Scan(&m.ClientMsgID, &m.From.User, &m.From.ID, &m.To, &m.Body, &created, &m.Control, &m.ContentID, &m.Group); err != nil {
 			return nil, err
 		}
 		m.Created = time.UnixMilli(created)

@@ -126,4 +126,54 @@ CREATE TRIGGER messages_fts_update AFTER UPDATE OF body ON messages BEGIN
 	INSERT INTO messages_fts (rowid, body) VALUES (new.id, CAST(new.body AS TEXT));
 END;
 `,
+	// 3: groups: their members and names, group messages in the history
+	// and the outbox, receipts per member, and the Signal sender keys
+	// (client/e2e).
+	`
+ALTER TABLE messages ADD COLUMN group_id TEXT NOT NULL DEFAULT '';
+ALTER TABLE outbox ADD COLUMN group_id TEXT NOT NULL DEFAULT '';
+ALTER TABLE e2e_sent ADD COLUMN group_id TEXT NOT NULL DEFAULT '';
+
+CREATE TABLE groups (
+	id      TEXT PRIMARY KEY,
+	name    TEXT NOT NULL DEFAULT '', -- learned end-to-end encrypted from a member
+	version INTEGER NOT NULL,         -- the server's membership version
+	former  INTEGER NOT NULL DEFAULT 0 -- 1: this user is no longer a member
+) WITHOUT ROWID;
+
+CREATE TABLE group_members (
+	group_id TEXT NOT NULL,
+	user     TEXT NOT NULL,
+	admin    INTEGER NOT NULL,
+	PRIMARY KEY (group_id, user)
+) WITHOUT ROWID;
+
+-- The receipt state of a sent group message, per member.
+CREATE TABLE group_receipts (
+	server_id TEXT NOT NULL,
+	user      TEXT NOT NULL,
+	status    INTEGER NOT NULL, -- client.Status
+	PRIMARY KEY (server_id, user)
+) WITHOUT ROWID;
+
+-- Sender keys (libsignal records) per group and sending device: this
+-- device's own, and those other member devices handed it.
+CREATE TABLE e2e_sender_keys (
+	group_id TEXT NOT NULL,
+	user     TEXT NOT NULL,
+	device   INTEGER NOT NULL,
+	record   BLOB NOT NULL,
+	PRIMARY KEY (group_id, user, device)
+) WITHOUT ROWID;
+
+-- The member devices that hold this device's current sender key (key_id)
+-- for a group.
+CREATE TABLE e2e_sender_key_shared (
+	group_id TEXT NOT NULL,
+	user     TEXT NOT NULL,
+	device   INTEGER NOT NULL,
+	key_id   INTEGER NOT NULL,
+	PRIMARY KEY (group_id, user, device)
+) WITHOUT ROWID;
+`,
 }

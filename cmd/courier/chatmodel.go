@@ -258,6 +258,10 @@ func (m *chatModel) applyEvent(ev client.Event) tea.Cmd {
 	switch ev := ev.(type) {
 	case *client.MessageEvent:
 		switch {
+		case ev.Group != "":
+			if !ev.Sync {
+				m.notice = "new group message from " + ev.From
+			}
 		case !ev.Sync && ev.From == m.peer:
 			m.lines = append(m.lines, chatLine{from: ev.From, ref: client.MessageRef{ServerID: ev.ServerID, ClientMsgID: ev.ClientMsgID},
 				text: text(ev.Body, ev.Err), at: ev.Time})

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"cmp"
 	"errors"
 	"fmt"
 	"io"
@@ -20,7 +21,12 @@ type sink struct {
 }
 
 func (s *sink) handle(ev client.Event) {
+	if s.pr.label == nil {
+		s.pr.label = storeLabels(s.store)
+	}
 	switch ev := ev.(type) {
+	case *client.GroupEvent:
+		s.pr.group(ev)
 	case *client.MessageEvent:
 		if ev.Err != nil {
 			// Shown, not stored: the sender was asked to send it again,
@@ -67,16 +73,33 @@ func explainRun(err error) error {
 }
 
 // applyReceipt records a receipt (or an acceptance) in the store and
-// returns the message it is about, if stored, and whether the receipt
-// moved it forward. A receipt for a message not stored here is news.
+// returns the message it is about and whether the receipt moved it
+// forward (for a group message: moved that member's state). A receipt
+// for a message not in the history is not news: it is about a message
+// of the SDK's own (a group's name, a sender key, a resend request).
+// A group message's receipt is marked as such (ev.Group) from the
+// history, which knows it across restarts.
 func applyReceipt(store *localstore.Store, ev *client.ReceiptEvent) (*localstore.Message, bool, error) {
+	before, found, err := store.Find(ev.Message)
+	if err != nil {
+		return nil, true, err
+	}
+	if !found {
+		return nil, false, nil
+	}
+	if before.Group != "" {
+		ev.Group, ev.To = before.Group, before.Peer
+	}
 	var moved bool
-	var err error
-	if ev.Status == client.StatusSent {
-		before, found, ferr := store.Find(ev.Message)
-		moved = ferr == nil && (!found || before.Status < client.StatusSent)
+	switch {
+	case ev.Group != "" && ev.Status > client.StatusSent:
+		// Per member; the message's status is the furthest any reached.
+		serverID := cmp.Or(ev.Message.ServerID, before.ServerID)
+		moved, err = store.UpdateGroupReceipt(serverID, ev.By, ev.Status)
+	case ev.Status == client.StatusSent:
+		moved = before.Status < client.StatusSent
 		err = store.MarkSent(client.Sent{MessageRef: ev.Message, Time: ev.Time})
-	} else {
+	default:
 		moved, err = store.UpdateStatus(ev.Message, ev.Status)
 	}
 	if err != nil {
@@ -84,7 +107,7 @@ func applyReceipt(store *localstore.Store, ev *client.ReceiptEvent) (*localstore
 	}
 	m, found, err := store.Find(ev.Message)
 	if err != nil || !found {
-		return nil, true, err
+		return nil, moved, err
 	}
 	return &m, moved, nil
 }

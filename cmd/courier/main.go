@@ -1,6 +1,6 @@
 // Command courier is the one courier binary: the server (serve), the
-// terminal client (register, send, inbox, listen, read, chat, devices,
-// whoami, verify, search; end-to-end encrypted), the delivery checker
+// terminal client (register, send, inbox, listen, read, chat, group,
+// devices, whoami, verify, search; end-to-end encrypted), the delivery checker
 // (check) and the load bench (bench).
 package main
 
@@ -27,6 +27,7 @@ var commands = map[string]command{
 	"listen":   {runListen, "stay connected and print messages, receipts and presence as they come"},
 	"read":     {runRead, "mark received messages as read (tells their senders)"},
 	"chat":     {runChat, "interactive terminal chat: courier chat USER"},
+	"group":    {runGroup, "groups: courier group create|list|show|add|remove|leave"},
 	"devices":  {runDevices, "list a user's devices"},
 	"whoami":   {runWhoami, "print this profile's user, device and server"},
 	"verify":   {runVerify, "show the safety number with a user; --mark verified, --accept a change"},
@@ -35,7 +36,7 @@ var commands = map[string]command{
 	"bench":    {runBench, "load scenarios (conns, pairs, fanout, drain, storm): throughput, latency, memory per connection, 0 lost"},
 }
 
-var order = []string{"serve", "register", "send", "inbox", "listen", "read", "chat", "devices", "whoami", "verify", "search", "check", "bench"}
+var order = []string{"serve", "register", "send", "inbox", "listen", "read", "chat", "group", "devices", "whoami", "verify", "search", "check", "bench"}
 
 func usage() {
 	fmt.Fprintf(os.Stderr, "usage: courier COMMAND [flags] [args]\n\ncommands:\n")

@@ -19,6 +19,26 @@ type printer struct {
 	json bool
 	now  func() time.Time // for presence and typing lines, which carry no time
 	loc  *time.Location   // of the times in text lines
+	// label names a group for display ("#name"); nil: "#" and its id.
+	label func(id string) string
+}
+
+// groupLabel shows group id as "#name" when its name is known.
+func (p *printer) groupLabel(id string) string {
+	if p.label != nil {
+		return p.label(id)
+	}
+	return client.GroupPeer(id)
+}
+
+// storeLabels labels groups with their names from the store.
+func storeLabels(store *localstore.Store) func(string) string {
+	return func(id string) string {
+		if g, ok, err := store.LoadGroup(id); err == nil && ok {
+			return g.Label()
+		}
+		return client.GroupPeer(id)
+	}
 }
 
 func newPrinter(w io.Writer, asJSON bool) *printer {
@@ -34,6 +54,8 @@ type (
 		From        string `json:"from"`
 		FromDevice  uint32 `json:"from_device"`
 		To          string `json:"to"`
+		Group       string `json:"group,omitempty"`      // a group message: the group's id
+		GroupName   string `json:"group_name,omitempty"` // and its name, if known
 		Time        string `json:"time"`
 		Text        string `json:"text"`
 		Sync        bool   `json:"sync,omitempty"` // sent by another device of this user
@@ -46,6 +68,7 @@ type (
 		From        string `json:"from,omitempty"` // the user whose device produced it
 		FromDevice  uint32 `json:"from_device,omitempty"`
 		To          string `json:"to,omitempty"` // the user the message was sent to
+		Group       string `json:"group,omitempty"`
 		Time        string `json:"time"`
 		Status      string `json:"status"`         // sent, delivered or read
 		Text        string `json:"text,omitempty"` // the message's text, if stored here
@@ -66,6 +89,17 @@ type (
 		ClientMsgID string `json:"client_msg_id"`
 		To          string `json:"to"`
 		Error       string `json:"error"`
+	}
+	jsonGroup struct {
+		Type    string   `json:"type"` // "group"
+		Group   string   `json:"group"`
+		Name    string   `json:"name,omitempty"`
+		Version uint64   `json:"version"`
+		By      string   `json:"by,omitempty"`
+		Added   []string `json:"added,omitempty"`
+		Removed []string `json:"removed,omitempty"`
+		Renamed bool     `json:"renamed,omitempty"`
+		Time    string   `json:"time,omitempty"`
 	}
 	jsonPresence struct {
 		Type     string `json:"type"` // "presence"
@@ -126,10 +160,16 @@ func quote(body []byte) string {
 //
 //	15:04:05  alice: dinner at 8?
 //	15:04:05  alice → bob: sure (a copy of what this user sent from another device)
+//	15:04:05  #friends  alice: who's in? (a group message)
 func (p *printer) message(ev *client.MessageEvent) {
 	if p.json {
 		j := jsonMessage{Type: "message", ServerID: ev.ServerID, ClientMsgID: ev.ClientMsgID, From: ev.From,
-			FromDevice: ev.FromDevice, To: ev.To, Time: rfc3339(ev.Time), Text: string(ev.Body), Sync: ev.Sync}
+			FromDevice: ev.FromDevice, To: ev.To, Group: ev.Group, Time: rfc3339(ev.Time), Text: string(ev.Body), Sync: ev.Sync}
+		if ev.Group != "" {
+			if l := p.groupLabel(ev.Group); l != client.GroupPeer(ev.Group) {
+				j.GroupName = l[1:]
+			}
+		}
 		if ev.Err != nil {
 			j.Error = ev.Err.Error()
 		}
@@ -137,7 +177,10 @@ func (p *printer) message(ev *client.MessageEvent) {
 		return
 	}
 	who := ev.From
-	if ev.Sync {
+	switch {
+	case ev.Group != "":
+		who = p.groupLabel(ev.Group) + "  " + ev.From
+	case ev.Sync:
 		who = ev.From + " → " + ev.To
 	}
 	prefix := p.clock(ev.Time) + "  " + who + ": "
@@ -153,7 +196,7 @@ func (p *printer) message(ev *client.MessageEvent) {
 func (p *printer) receipt(ev *client.ReceiptEvent, m *localstore.Message) {
 	if p.json {
 		j := jsonReceipt{Type: "receipt", ServerID: ev.Message.ServerID, ClientMsgID: ev.Message.ClientMsgID,
-			From: ev.By, FromDevice: ev.ByDevice, To: ev.To, Time: rfc3339(ev.Time), Status: ev.Status.String()}
+			From: ev.By, FromDevice: ev.ByDevice, To: ev.To, Group: ev.Group, Time: rfc3339(ev.Time), Status: ev.Status.String()}
 		if m != nil {
 			j.Text = string(m.Body)
 		}
@@ -161,12 +204,18 @@ func (p *printer) receipt(ev *client.ReceiptEvent, m *localstore.Message) {
 		return
 	}
 	var what string
-	switch ev.Status {
-	case client.StatusSent:
+	switch {
+	case ev.Group != "" && ev.Status == client.StatusSent:
+		what = "✓ accepted, to " + p.groupLabel(ev.Group)
+	case ev.Group != "" && ev.Status == client.StatusDelivered:
+		what = "✓✓ delivered to " + ev.By + " in " + p.groupLabel(ev.Group)
+	case ev.Group != "" && ev.Status == client.StatusRead:
+		what = "✓✓ read by " + ev.By + " in " + p.groupLabel(ev.Group)
+	case ev.Status == client.StatusSent:
 		what = "✓ accepted, to " + ev.To
-	case client.StatusDelivered:
+	case ev.Status == client.StatusDelivered:
 		what = "✓✓ delivered to " + ev.To
-	case client.StatusRead:
+	case ev.Status == client.StatusRead:
 		what = "✓✓ read by " + ev.By
 	default:
 		what = ev.Status.String()
@@ -201,6 +250,51 @@ func (p *printer) failed(ev *client.SendFailedEvent) {
 		return
 	}
 	fmt.Fprintf(p.w, "%s  ✗ not sent to %s: %v (%s)\n", p.clock(p.now()), ev.To, ev.Err, ev.Message.ClientMsgID)
+}
+
+// group prints a change of a group:
+//
+//	15:04:05  #friends  alice created the group with bob, carol
+//	15:04:05  #friends  alice added dave
+//	15:04:05  #friends  carol was removed by alice
+//	15:04:05  #friends  carol left
+//	15:04:05  #friends  alice named the group
+func (p *printer) group(ev *client.GroupEvent) {
+	if p.json {
+		p.emitJSON(jsonGroup{Type: "group", Group: ev.Group.ID, Name: ev.Group.Name, Version: ev.Group.Version, By: ev.By,
+			Added: ev.Added, Removed: ev.Removed, Renamed: ev.Renamed, Time: rfc3339(ev.Time)})
+		return
+	}
+	at := ev.Time
+	if at.IsZero() {
+		at = p.now()
+	}
+	var lines []string
+	if ev.Renamed {
+		lines = append(lines, ev.By+" named the group")
+	}
+	var added []string
+	for _, u := range ev.Added {
+		if u != ev.By {
+			added = append(added, u)
+		}
+	}
+	switch {
+	case len(ev.Added) > 0 && ev.Group.Version == 1:
+		lines = append(lines, ev.By+" created the group with "+strings.Join(added, ", "))
+	case len(added) > 0:
+		lines = append(lines, ev.By+" added "+strings.Join(added, ", "))
+	}
+	for _, u := range ev.Removed {
+		if u == ev.By {
+			lines = append(lines, u+" left")
+		} else {
+			lines = append(lines, u+" was removed by "+ev.By)
+		}
+	}
+	for _, l := range lines {
+		fmt.Fprintf(p.w, "%s  %s  %s\n", p.clock(at), ev.Group.Label(), l)
+	}
 }
 
 // lastSeen says when, briefly: a time today, else a date too.

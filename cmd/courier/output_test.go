@@ -102,3 +102,62 @@ func TestJSONFormats(t *testing.T) {
 		}
 	}
 }
+
+func TestGroupTextFormats(t *testing.T) {
+	var buf bytes.Buffer
+	p := newPrinter(&buf, false)
+	p.now = func() time.Time { return t0 }
+	p.loc = time.UTC
+	p.label = func(id string) string {
+		if id == "g1" {
+			return "#friends"
+		}
+		return client.GroupPeer(id)
+	}
+	ref := client.MessageRef{ServerID: "01JABCDEFGHJKMNPQRSTVWXYZ0", ClientMsgID: "c1"}
+	stored := &localstore.Message{Body: []byte("picnic?"), Group: "g1"}
+	friends := client.Group{ID: "g1", Name: "friends", Version: 1}
+
+	p.message(&client.MessageEvent{ServerID: "S1", From: "alice", FromDevice: 1, Group: "g1", Time: t0, Body: []byte("picnic?")})
+	p.message(&client.MessageEvent{ServerID: "S2", From: "bob", FromDevice: 2, Group: "g2", Time: t0, Err: errors.New("no sender key")})
+	p.receipt(&client.ReceiptEvent{Message: ref, To: "#g1", Group: "g1", Status: client.StatusSent, Time: t0}, stored)
+	p.receipt(&client.ReceiptEvent{Message: ref, To: "#g1", Group: "g1", Status: client.StatusDelivered, By: "carol", Time: t0}, stored)
+	p.receipt(&client.ReceiptEvent{Message: ref, To: "#g1", Group: "g1", Status: client.StatusRead, By: "bob", Time: t0}, stored)
+	p.group(&client.GroupEvent{Group: friends, By: "alice", Added: []string{"alice", "bob", "carol"}, Time: t0})
+	friends.Version = 2
+	p.group(&client.GroupEvent{Group: friends, By: "alice", Added: []string{"dave"}, Time: t0})
+	p.group(&client.GroupEvent{Group: friends, By: "alice", Removed: []string{"carol"}, Time: t0})
+	p.group(&client.GroupEvent{Group: friends, By: "dave", Removed: []string{"dave"}, Time: t0})
+	p.group(&client.GroupEvent{Group: friends, By: "alice", Renamed: true})
+
+	want := `15:04:05  #friends  alice: picnic?
+15:04:05  #g2  bob: [cannot open this message: no sender key]
+15:04:05  ✓ accepted, to #friends: "picnic?" (01JABCDEFGHJKMNPQRSTVWXYZ0)
+15:04:05  ✓✓ delivered to carol in #friends: "picnic?" (01JABCDEFGHJKMNPQRSTVWXYZ0)
+15:04:05  ✓✓ read by bob in #friends: "picnic?" (01JABCDEFGHJKMNPQRSTVWXYZ0)
+15:04:05  #friends  alice created the group with bob, carol
+15:04:05  #friends  alice added dave
+15:04:05  #friends  carol was removed by alice
+15:04:05  #friends  dave left
+15:04:05  #friends  alice named the group
+`
+	if got := buf.String(); got != want {
+		t.Fatalf("got:\n%s\nwant:\n%s", got, want)
+	}
+
+	buf.Reset()
+	p.json = true
+	p.message(&client.MessageEvent{ServerID: "S1", From: "alice", FromDevice: 1, Group: "g1", Time: t0, Body: []byte("picnic?")})
+	p.group(&client.GroupEvent{Group: friends, By: "alice", Removed: []string{"carol"}, Time: t0})
+	var m, g map[string]any
+	lines := strings.Split(strings.TrimSpace(buf.String()), "\n")
+	if len(lines) != 2 || json.Unmarshal([]byte(lines[0]), &m) != nil || json.Unmarshal([]byte(lines[1]), &g) != nil {
+		t.Fatalf("json lines: %q", buf.String())
+	}
+	if m["group"] != "g1" || m["group_name"] != "friends" || m["text"] != "picnic?" {
+		t.Errorf("message: %v", m)
+	}
+	if g["type"] != "group" || g["group"] != "g1" || g["version"] != float64(2) || g["removed"].([]any)[0] != "carol" {
+		t.Errorf("group: %v", g)
+	}
+}

@@ -181,6 +181,7 @@ func (p *profile) clientConfig(st streams, store *localstore.Store) client.Confi
 	if store != nil {
 		cfg.Seen = store
 		cfg.Outbox = store.Outbox()
+		cfg.Groups = store
 	}
 	return cfg
 }

@@ -47,7 +47,7 @@ func cmdSearch(_ context.Context, st streams, args []string) error {
 	if *asJSON {
 		enc := json.NewEncoder(st.out)
 		for _, m := range found {
-			enc.Encode(jsonMatch{Conversation: m.Peer, From: fmt.Sprintf("%s.%d", m.From, m.FromDevice),
+			enc.Encode(jsonMatch{Conversation: m.Peer, Group: m.Group, From: fmt.Sprintf("%s.%d", m.From, m.FromDevice),
 				Direction: string(m.Direction), Time: m.Time.UTC().Format(time.RFC3339Nano), ServerID: m.ServerID,
 				ClientMsgID: m.ClientMsgID, Text: string(m.Body)})
 		}
@@ -59,12 +59,17 @@ func cmdSearch(_ context.Context, st streams, args []string) error {
 	}
 	// One line a match: when, the conversation, who wrote it ("you" for
 	// this user's own messages, from any of its devices), and the text.
+	label := storeLabels(store)
 	for _, m := range found {
 		who := m.From
 		if m.Direction == localstore.Out {
 			who = "you"
 		}
-		fmt.Fprintf(st.out, "%s  with %-12s %s: %s\n", m.Time.Local().Format("2006-01-02 15:04"), m.Peer, who,
+		conv := "with " + m.Peer
+		if m.Group != "" {
+			conv = "in " + label(m.Group)
+		}
+		fmt.Fprintf(st.out, "%s  %-17s %s: %s\n", m.Time.Local().Format("2006-01-02 15:04"), conv, who,
 			strings.ReplaceAll(string(m.Body), "\n", " "))
 	}
 	return nil
@@ -72,6 +77,7 @@ func cmdSearch(_ context.Context, st streams, args []string) error {
 
 type jsonMatch struct {
 	Conversation string `json:"conversation"`
+	Group        string `json:"group,omitempty"`
 	From         string `json:"from"`
 	Direction    string `json:"direction"`
 	Time         string `json:"time"`

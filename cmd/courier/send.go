@@ -16,17 +16,24 @@ func runSend(ctx context.Context, args []string) error {
 }
 
 func cmdSend(ctx context.Context, st streams, args []string) error {
-	fs, home := newFlags(st, "send", "[--json] [--timeout D] USER TEXT...",
-		"Sends TEXT to USER and waits until the server has accepted it (✓). The\nmessage waits in the profile's outbox until then: if the server cannot be\nreached within --timeout, the next courier command that connects sends it.")
+	fs, home := newFlags(st, "send", "[--json] [--timeout D] USER TEXT... | --group NAME|ID TEXT...",
+		"Sends TEXT to USER (or, with --group, to a group) and waits until the server has\naccepted it (✓). The message waits in the profile's outbox until then: if the\nserver cannot be reached within --timeout, the next courier command that\nconnects sends it.")
 	asJSON := fs.Bool("json", false, "print the acceptance as a JSON line")
+	groupRef := fs.String("group", "", "send to the group with this `NAME or ID` (see 'courier group list')")
 	timeout := fs.Duration("timeout", 30*time.Second, "how long to wait for the server to accept")
 	if err := parseFlags(fs, args); err != nil {
 		return err
 	}
-	if fs.NArg() < 2 {
+	if *groupRef != "" && fs.NArg() < 1 {
+		return badUsage(st, fs, "need a TEXT")
+	}
+	if *groupRef == "" && fs.NArg() < 2 {
 		return badUsage(st, fs, "need a USER and a TEXT")
 	}
 	to, body := fs.Arg(0), []byte(strings.Join(fs.Args()[1:], " "))
+	if *groupRef != "" {
+		to, body = "", []byte(strings.Join(fs.Args(), " "))
+	}
 	p, err := loadProfile(*home)
 	if err != nil {
 		return err
@@ -48,7 +55,18 @@ func cmdSend(ctx context.Context, st streams, args []string) error {
 
 	sendCtx, cancel := context.WithTimeout(ctx, *timeout)
 	defer cancel()
-	sent, err := c.Send(sendCtx, to, body)
+	var sent client.Sent
+	if *groupRef != "" {
+		// Found in the profile, else in the groups the server lists.
+		grp, ferr := findGroup(sendCtx, store, c, *groupRef)
+		if ferr != nil {
+			return ferr
+		}
+		to = grp.Label()
+		sent, err = c.SendGroup(sendCtx, grp.ID, body)
+	} else {
+		sent, err = c.Send(sendCtx, to, body)
+	}
 	if err != nil {
 		if errors.Is(err, context.DeadlineExceeded) {
 			return fmt.Errorf("%s did not accept the message within %v; it stays in the outbox and goes with the next 'courier inbox', 'listen', 'chat' or 'send'", p.creds.Server, *timeout)
