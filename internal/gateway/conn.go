@@ -78,6 +78,10 @@ type conn struct {
 	wtimer   *time.Timer
 	wexpired atomic.Bool
 
+	// cc is the goroutine transport's socket, corked while the writer
+	// writes several frames (cork.go); nil if it could not be wrapped.
+	cc *corkConn
+
 	// The epoll transport's state (epoll.go); nb is nil on the goroutine
 	// transport.
 	nb *nbws.Conn
@@ -181,9 +185,11 @@ func (c *conn) run() {
 // reading and the connection is closed.
 func (c *conn) reply(f *pb.ServerFrame) {
 	if c.ev != nil {
-		// Written at once (nbio buffers what the socket does not take);
-		// a device that does not read is cut off by the write deadline.
-		c.write(f)
+		// Written without blocking (nbio buffers what the socket does not
+		// take; a device that does not read is cut off by the write
+		// deadline). While the pipeline has more frames to finish in its
+		// run, the reply waits in the batch for theirs (evwrite.go).
+		c.evWriteFrame(f, !c.pipe.more.Load())
 		return
 	}
 	select {
@@ -205,7 +211,7 @@ func (c *conn) reply(f *pb.ServerFrame) {
 // device is not keeping up, since such events are never stored anyway.
 func (c *conn) event(f *pb.ServerFrame) {
 	if c.ev != nil {
-		c.write(f)
+		c.evWriteFrame(f, true)
 		return
 	}
 	select {
@@ -378,7 +384,11 @@ func (c *conn) releaseOps() {
 }
 
 func (c *conn) handleSend(id uint64, s *pb.Send) {
-	req := delivery.SendRequest{From: c.dev, ClientMsgID: s.ClientMsgId, To: s.To, Payloads: make([]delivery.Payload, 0, len(s.Payloads))}
+	req := delivery.SendRequest{From: c.dev, ClientMsgID: s.ClientMsgId, To: s.To,
+		Group: s.Group, GroupVersion: s.GroupVersion, Payload: s.Payload}
+	if len(s.Payloads) > 0 {
+		req.Payloads = make([]delivery.Payload, 0, len(s.Payloads))
+	}
 	for _, p := range s.Payloads {
 		d := p.GetDevice()
 		if d == nil || !ident.ValidUser(d.User) || d.Device == 0 {
@@ -418,7 +428,7 @@ func (c *conn) handleSend(id uint64, s *pb.Send) {
 
 func (c *conn) refuse(id uint64, r *delivery.Refusal) {
 	c.answer(&pb.ServerFrame{Id: id, Body: &pb.ServerFrame_Refused{Refused: &pb.Refused{
-		Code: r.Code, Message: r.Message, Devices: r.Devices, RetryAfterMs: r.RetryAfter.Milliseconds()}}})
+		Code: r.Code, Message: r.Message, Devices: r.Devices, RetryAfterMs: r.RetryAfter.Milliseconds(), GroupVersion: r.GroupVersion}}})
 }
 
 func (c *conn) handleAck(id uint64, a *pb.Ack) {
@@ -580,7 +590,7 @@ func (c *conn) writer() {
 	for {
 		select {
 		case f := <-c.out:
-			if !c.write(f) {
+			if !c.writeQueued(f) {
 				return
 			}
 			continue
@@ -602,6 +612,9 @@ func (c *conn) writer() {
 					}
 					return
 				}
+				// The entries of one read (and Synced) go out with one
+				// write.
+				c.corkStart()
 				for _, e := range entries {
 					env := new(pb.Envelope)
 					if err := proto.Unmarshal(e.Data, env); err != nil {
@@ -637,6 +650,9 @@ func (c *conn) writer() {
 						}
 					}
 				}
+				if !c.corkFlush() {
+					return
+				}
 				if cap(frame) > 64<<10 {
 					frame = nil
 				}
@@ -646,7 +662,7 @@ func (c *conn) writer() {
 		}
 		select {
 		case f := <-c.out:
-			if !c.write(f) {
+			if !c.writeQueued(f) {
 				return
 			}
 		case <-c.wake:
@@ -661,6 +677,11 @@ func (c *conn) writer() {
 // reason to give.
 func (c *conn) finish() {
 	c.closeWith(0, "", websocket.StatusNormalClosure, 0)
+	if c.cc != nil {
+		// Frames held by a writer that stopped half-way go first (best
+		// effort: the connection may be broken).
+		c.cc.flush()
+	}
 	// A device that does not answer the close handshake within closeGrace
 	// is cut off: cancelling the reader's context closes the socket, which
 	// ends the handshake too (it would otherwise wait 5 s for a reader
@@ -691,6 +712,9 @@ func (c *conn) writeExpired() {
 }
 
 func (c *conn) write(f *pb.ServerFrame) bool {
+	if c.ev != nil {
+		return c.evWriteFrame(f, true)
+	}
 	b, err := proto.Marshal(f)
 	if err != nil {
 		c.logger().Error("encode frame", "err", err)
@@ -699,20 +723,63 @@ func (c *conn) write(f *pb.ServerFrame) bool {
 	return c.writeRaw(b)
 }
 
-// writeRaw writes one frame, within WriteTimeout. The timeout is one timer
-// per connection, reset for each write, rather than a context with a timer
-// for each: when it fires it does what the WebSocket library does when a
-// write's context expires, close the connection, which fails the write.
+// writeRaw writes one frame, within WriteTimeout (see timedWrite).
 func (c *conn) writeRaw(b []byte) bool {
 	if c.ev != nil {
-		return c.evWrite(b)
+		return c.evWrite(b, true)
 	}
+	return c.timedWrite(func() error { return c.ws.Write(context.Background(), websocket.MessageBinary, b) })
+}
+
+// writeQueued writes f and the frames queued after it for the writer (up
+// to outQueue), with one write.
+func (c *conn) writeQueued(f *pb.ServerFrame) bool {
+	c.corkStart()
+	for n := 1; ; n++ {
+		if !c.write(f) {
+			return false
+		}
+		if n == outQueue {
+			break
+		}
+		select {
+		case f = <-c.out:
+			continue
+		default:
+		}
+		break
+	}
+	return c.corkFlush()
+}
+
+// corkStart holds the writes that follow, until corkFlush (goroutine
+// transport; see cork.go).
+func (c *conn) corkStart() {
+	if c.cc != nil {
+		c.cc.cork()
+	}
+}
+
+// corkFlush writes what corkStart held, within WriteTimeout.
+func (c *conn) corkFlush() bool {
+	if c.cc == nil {
+		return true
+	}
+	return c.timedWrite(c.cc.flush)
+}
+
+// timedWrite runs write (one write of the WebSocket) within WriteTimeout.
+// The timeout is one timer per connection, reset for each write, rather
+// than a context with a timer for each: when it fires it does what the
+// WebSocket library does when a write's context expires, close the
+// connection, which fails the write.
+func (c *conn) timedWrite(write func() error) bool {
 	if c.wtimer == nil {
 		c.wtimer = time.AfterFunc(c.g.cfg.WriteTimeout, c.writeExpired)
 	} else {
 		c.wtimer.Reset(c.g.cfg.WriteTimeout)
 	}
-	err := c.ws.Write(context.Background(), websocket.MessageBinary, b)
+	err := write()
 	if !c.wtimer.Stop() && err == nil {
 		// Fired as the write completed; the connection is being closed.
 		err = errors.New("write timed out")

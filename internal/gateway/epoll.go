@@ -62,6 +62,7 @@ type epoll struct {
 	g      *Gateway
 	engine *nbhttp.Engine
 	up     *nbws.Upgrader
+	pool   *workers // runs frame handling and pumps
 
 	// locks publishes each connection to the pollers and workers: nbio
 	// keeps it in a field it writes and reads without synchronisation,
@@ -83,6 +84,8 @@ type epollState struct {
 	discard atomic.Bool // closing: input is no longer parsed
 	scan    frameScan   // frame headers seen by onData (pollers only)
 	ended   atomic.Bool // evEnd has run
+
+	evBatch // frames waiting to be written (evwrite.go)
 }
 
 func newEpoll(g *Gateway) (*epoll, error) {
@@ -95,6 +98,9 @@ func newEpoll(g *Gateway) (*epoll, error) {
 	// sending but never reads would otherwise grow its backlog forever;
 	// past this it is cut off as a slow consumer.
 	maxPending := g.cfg.Window*(g.cfg.Delivery.MaxPayload()+4<<10) + g.cfg.MaxFrame
+	// Frame handling and mailbox reads: a bounded pool of workers that
+	// live on between jobs.
+	pool := newWorkers(256*n, g.log)
 	engine := nbhttp.NewEngine(nbhttp.Config{
 		MaxWriteBufferSize: maxPending,
 		Name:               "courier-gateway",
@@ -103,11 +109,10 @@ func newEpoll(g *Gateway) (*epoll, error) {
 		ReadBufferSize:          16 << 10,
 		ReleaseWebsocketPayload: true,
 		MaxLoad:                 1 << 22,
-		// Frame handling and mailbox reads: a bounded pool.
-		MessageHandlerPoolSize: 256 * n,
-		SupportServerOnly:      true,
+		ServerExecutor:          pool.Go,
+		SupportServerOnly:       true,
 	})
-	e := &epoll{g: g, engine: engine}
+	e := &epoll{g: g, engine: engine, pool: pool}
 	up := nbws.NewUpgrader()
 	e.up = up
 	up.Engine = engine
@@ -150,6 +155,7 @@ func newEpoll(g *Gateway) (*epoll, error) {
 		}
 	})
 	if err := engine.Start(); err != nil {
+		pool.Stop()
 		return nil, err
 	}
 	return e, nil
@@ -205,6 +211,7 @@ func (e *epoll) accept(w http.ResponseWriter, r *http.Request, dev ident.Device,
 	c := newConn(g, dev, nil)
 	c.nb = wsc
 	c.ev = &epollState{addr: addr}
+	c.pipe.flush = c.evFlush
 	// From here on the pollers parse its input (onData); frames wait for
 	// ready.
 	e.setConn(wsc, c)
@@ -311,17 +318,6 @@ func (c *conn) onData(data []byte) {
 	c.nb.Conn.(*nbio.Conn).CloseWithError(err)
 }
 
-// evWrite writes one binary frame: at once as far as the socket takes it,
-// the rest by the event loop within WriteTimeout.
-func (c *conn) evWrite(b []byte) bool {
-	c.nb.Conn.SetWriteDeadline(time.Now().Add(c.g.cfg.WriteTimeout))
-	if err := c.nb.WriteMessage(nbws.BinaryMessage, b); err != nil {
-		c.closeWith(0, "", websocket.StatusNormalClosure, 0)
-		return false
-	}
-	return true
-}
-
 // evFinish closes the connection, first telling the device why if there
 // is a reason to give (closeWith calls it once). The device has
 // closeGrace to answer the close handshake by closing its end; after that
@@ -338,6 +334,8 @@ func (c *conn) evFinish() {
 		c.g.cfg.Metrics.FrameErrors.WithLabelValues(c.closeErr.Code.String()).Inc()
 		c.nb.WriteClose(int(c.closeCode), c.closeErr.Code.String())
 	} else {
+		// Frames still waiting in the batch go before the close frame.
+		c.evFlush()
 		c.nb.WriteClose(int(c.closeCode), "")
 	}
 	c.ev.discard.Store(true)
@@ -419,7 +417,6 @@ func (c *conn) pump() {
 // connection is closing.
 func (c *conn) sendPending(ctx context.Context) bool {
 	cfg := &c.g.cfg
-	var frame []byte
 	for {
 		c.mu.Lock()
 		room := cfg.Window - len(c.inflight)
@@ -452,8 +449,8 @@ func (c *conn) sendPending(ctx context.Context) bool {
 			c.inflight[e.Seq] = env
 			c.mu.Unlock()
 			c.lastSent.Store(e.Seq)
-			frame = appendDeliver(frame[:0], e.Seq, e.Data)
-			if !c.writeRaw(frame) {
+			// Batched: the entries of one read go out with one write.
+			if !c.evAppendDeliver(e.Seq, e.Data) {
 				return false
 			}
 			cfg.Metrics.Delivered.Inc()
@@ -465,11 +462,12 @@ func (c *conn) sendPending(ctx context.Context) bool {
 		if len(entries) < want {
 			if !c.ev.synced {
 				c.ev.synced = true
-				if !c.write(&pb.ServerFrame{Body: &pb.ServerFrame_Synced{Synced: &pb.Synced{Pending: c.ev.pending}}}) {
-					return false
-				}
+				return c.evWriteFrame(&pb.ServerFrame{Body: &pb.ServerFrame_Synced{Synced: &pb.Synced{Pending: c.ev.pending}}}, true)
 			}
-			return true
+			return c.evFlush()
+		}
+		if !c.evFlush() {
+			return false
 		}
 	}
 }

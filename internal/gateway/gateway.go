@@ -248,7 +248,10 @@ func (g *Gateway) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		handedOver = g.ep.accept(w, r, dev, session, addr)
 		return
 	}
-	ws, err := websocket.Accept(w, r, &websocket.AcceptOptions{CompressionMode: websocket.CompressionDisabled})
+	// The socket is wrapped so that the writer can write several frames
+	// with one write (cork.go).
+	cw := &corkWriter{ResponseWriter: w, cc: &corkConn{}}
+	ws, err := websocket.Accept(cw, r, &websocket.AcceptOptions{CompressionMode: websocket.CompressionDisabled})
 	if err != nil {
 		g.cfg.Metrics.Connects.WithLabelValues("handshake_failed").Inc()
 		g.clusterUnregister(dev, session)
@@ -257,6 +260,9 @@ func (g *Gateway) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	// The reader enforces MaxFrame itself so that it can say why it closes.
 	ws.SetReadLimit(-1)
 	c := newConn(g, dev, ws)
+	if cw.cc.Conn != nil {
+		c.cc = cw.cc
+	}
 	if !g.registerSession(c, session) {
 		g.cfg.Metrics.Connects.WithLabelValues("shutting_down").Inc()
 		g.clusterUnregister(dev, session)
@@ -538,7 +544,10 @@ func (g *Gateway) Shutdown(ctx context.Context) error {
 // stopTransport stops the epoll transport's event loops, if any.
 func (g *Gateway) stopTransport() {
 	if g.ep != nil {
-		g.stopOnce.Do(g.ep.engine.Stop)
+		g.stopOnce.Do(func() {
+			g.ep.engine.Stop()
+			g.ep.pool.Stop()
+		})
 	}
 }
 

@@ -1,6 +1,9 @@
 package gateway
 
-import "sync"
+import (
+	"sync"
+	"sync/atomic"
+)
 
 // pipeline runs the second half of a connection's Send and Ack frames: the
 // reader orders each one in the mailbox (delivery.StartSend, StartAck) and
@@ -18,6 +21,9 @@ type pipeline struct {
 	queue   []func()
 	running bool
 	idle    *sync.Cond // signalled when the queue drains; uses mu
+
+	more  atomic.Bool // the running tail has others after it in its run
+	flush func() bool // if set, writes the replies held during a run
 }
 
 // acquire takes a place in the pipeline for one frame, waiting while
@@ -50,6 +56,13 @@ func (p *pipeline) then(fn func()) {
 	}
 }
 
+// run finishes the queued tails in runs: each run takes every tail queued
+// when it starts. While a tail has others after it in its run, more is
+// set, and the epoll transport keeps that tail's reply in the connection's
+// batch (evwrite.go): the replies of one run go out with one write when
+// its last tail answers. A run is at most maxPipelined tails whose storage
+// work was ordered together, so a reply waits at most for the fsyncs of
+// the frames ordered with it, and the run ends with a flush.
 func (p *pipeline) run() {
 	for {
 		p.mu.Lock()
@@ -60,12 +73,20 @@ func (p *pipeline) run() {
 			p.mu.Unlock()
 			return
 		}
-		fn := p.queue[0]
-		p.queue[0] = nil
-		p.queue = p.queue[1:]
+		batch := p.queue
+		p.queue = nil
 		p.mu.Unlock()
-		fn()
-		<-p.slots
+		for i, fn := range batch {
+			p.more.Store(i < len(batch)-1)
+			batch[i] = nil
+			fn()
+			<-p.slots
+		}
+		if len(batch) > 1 && p.flush != nil {
+			// The last tail may have had nothing to say (a frame with
+			// id 0 asks for no reply).
+			p.flush()
+		}
 	}
 }
 
