@@ -47,6 +47,7 @@ func testServe(args []string) error {
 	fs := flag.NewFlagSet("serve", flag.ContinueOnError)
 	addr := fs.String("addr", "127.0.0.1:0", "")
 	data := fs.String("data", "", "")
+	transport := fs.String("transport", "", "")
 	fs.Bool("log-json", false, "")
 	if len(args) == 0 || args[0] != "serve" {
 		return fmt.Errorf("want serve, got %q", args)
@@ -55,7 +56,7 @@ func testServe(args []string) error {
 		return err
 	}
 	log := slog.New(slog.NewJSONHandler(os.Stderr, nil))
-	srv, err := server.New(server.Config{Addr: *addr, DataDir: *data, Logger: log, MinFreeBytes: 1})
+	srv, err := server.New(server.Config{Addr: *addr, DataDir: *data, Logger: log, MinFreeBytes: 1, Transport: *transport})
 	if err != nil {
 		return err
 	}
@@ -180,6 +181,27 @@ func TestDrain(t *testing.T) {
 	}
 }
 
+// TestTransportEpoll runs pairs and a drain against a child server on the
+// epoll transport (Options.Transport, `--transport`).
+func TestTransportEpoll(t *testing.T) {
+	t.Parallel()
+	o := childOptions(t)
+	o.Transport = "epoll"
+	o.Pairs, o.Inflight, o.Duration = 3, 4, time.Second
+	res := runOK(t, "pairs", o, 0)
+	if !strings.Contains(res.Server, "--transport epoll") {
+		t.Errorf("server %q: not started with --transport epoll", res.Server)
+	}
+	if *res.Delivered == 0 || *res.ReceiptsSeen != *res.Delivered {
+		t.Errorf("delivered %d, receipts %d", *res.Delivered, *res.ReceiptsSeen)
+	}
+	o.Pending = 300
+	res = runOK(t, "drain", o, 0)
+	if *res.Delivered != 300 || res.DrainMs == nil {
+		t.Errorf("drain: delivered %d, drain %v", *res.Delivered, res.DrainMs)
+	}
+}
+
 func TestStormRestart(t *testing.T) {
 	t.Parallel()
 	o := childOptions(t)
@@ -199,6 +221,12 @@ func TestBadOptions(t *testing.T) {
 	}
 	if _, err := Run(context.Background(), "pairs", Options{Server: "ftp://x"}); err == nil {
 		t.Error("ftp URL accepted")
+	}
+	if _, err := Run(context.Background(), "pairs", Options{ServerCmd: []string{"false"}, Transport: "threads"}); err == nil || !strings.Contains(err.Error(), "--transport") {
+		t.Errorf("unknown transport: %v", err)
+	}
+	if _, err := Run(context.Background(), "pairs", Options{Server: "http://127.0.0.1:1", Transport: "epoll"}); err == nil || !strings.Contains(err.Error(), "child server only") {
+		t.Errorf("--transport with --server: %v", err)
 	}
 	// Nothing listens on port 1: account creation fails with an error,
 	// not a hang or a result.

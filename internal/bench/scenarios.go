@@ -9,6 +9,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/courier-im/courier/internal/gateway"
 )
 
 // Options configure a bench run. Zero values take the defaults noted.
@@ -20,6 +22,11 @@ type Options struct {
 	// ServerCmd runs the courier binary (e.g. [os.Executable()]); "serve"
 	// and its flags are appended.
 	ServerCmd []string
+	// Transport is the child server's gateway transport ("goroutine" or
+	// "epoll"), passed as `serve --transport`; empty leaves the child's
+	// own default (its flag, or $COURIER_TRANSPORT). Only for a child
+	// server.
+	Transport string
 	// WorkerCmd runs the courier binary for conns worker processes;
 	// "bench conns-worker" is appended. WorkerEnv is added to their
 	// environment.
@@ -108,13 +115,21 @@ func Run(ctx context.Context, scenario string, o Options) (*Result, error) {
 	raiseFileLimit()
 	var t *target
 	var err error
+	switch o.Transport {
+	case "", gateway.TransportGoroutine, gateway.TransportEpoll:
+	default:
+		return nil, fmt.Errorf("--transport %q: want %s or %s", o.Transport, gateway.TransportGoroutine, gateway.TransportEpoll)
+	}
 	if o.Server != "" {
+		if o.Transport != "" {
+			return nil, errors.New("--transport applies to the child server only; a server given with --server keeps its own")
+		}
 		t, err = remoteTarget(o.Server)
 	} else {
 		if len(o.ServerCmd) == 0 {
 			return nil, errors.New("no --server and no command to start one")
 		}
-		t, err = startChild(ctx, o.ServerCmd)
+		t, err = startChild(ctx, o.ServerCmd, o.Transport)
 	}
 	if err != nil {
 		return nil, err

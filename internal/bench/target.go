@@ -36,12 +36,13 @@ type target struct {
 	loopback bool // IPv4 loopback: spread the sources over 127.0.0.x
 
 	// Child only.
-	argv    []string // command that runs the courier binary
-	dir     string   // temporary directory (data and server.log)
-	cmd     *exec.Cmd
-	exited  chan struct{}
-	logFile *os.File
-	mu      sync.Mutex
+	argv      []string // command that runs the courier binary
+	transport string   // serve --transport, if set
+	dir       string   // temporary directory (data and server.log)
+	cmd       *exec.Cmd
+	exited    chan struct{}
+	logFile   *os.File
+	mu        sync.Mutex
 }
 
 func remoteTarget(raw string) (*target, error) {
@@ -60,14 +61,15 @@ func remoteTarget(raw string) (*target, error) {
 	return &target{base: "http://" + hp, hostport: hp, loopback: (ip != nil && ip.To4() != nil && ip.IsLoopback()) || u.Hostname() == "localhost"}, nil
 }
 
-// startChild runs `argv... serve --addr 127.0.0.1:0 --data DIR --log-json`
-// and waits for its "courier serving" line to learn the address.
-func startChild(ctx context.Context, argv []string) (*target, error) {
+// startChild runs `argv... serve --addr 127.0.0.1:0 --data DIR --log-json
+// [--transport T]` and waits for its "courier serving" line to learn the
+// address.
+func startChild(ctx context.Context, argv []string, transport string) (*target, error) {
 	dir, err := os.MkdirTemp("", "courier-bench-*")
 	if err != nil {
 		return nil, err
 	}
-	t := &target{argv: argv, dir: dir, loopback: true}
+	t := &target{argv: argv, transport: transport, dir: dir, loopback: true}
 	if err := t.start(ctx, "127.0.0.1:0"); err != nil {
 		os.RemoveAll(dir)
 		return nil, err
@@ -78,6 +80,9 @@ func startChild(ctx context.Context, argv []string) (*target, error) {
 func (t *target) start(ctx context.Context, addr string) error {
 	args := append(append([]string(nil), t.argv[1:]...), "serve", "--addr", addr,
 		"--data", filepath.Join(t.dir, "data"), "--log-json")
+	if t.transport != "" {
+		args = append(args, "--transport", t.transport)
+	}
 	cmd := exec.Command(t.argv[0], args...)
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL} // never outlive the bench
 	stderr, err := cmd.StderrPipe()
@@ -198,6 +203,9 @@ func (t *target) close() {
 
 func (t *target) describe() string {
 	if pid := t.pid(); pid != 0 {
+		if t.transport != "" {
+			return fmt.Sprintf("child courier serve --transport %s (pid %d) at %s", t.transport, pid, t.base)
+		}
 		return fmt.Sprintf("child courier serve (pid %d) at %s", pid, t.base)
 	}
 	return t.base
