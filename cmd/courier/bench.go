@@ -20,7 +20,9 @@ embedded defaults in a temporary directory (its RSS and CPU come from /proc).
 scenarios:
   conns    hold N authenticated idle connections (-n) with heartbeats
   pairs    M sender/receiver pairs (--pairs), closed loop (--inflight) or --rate
-  fanout   one sender to K online devices (-k)
+  fanout   one sender to K online devices (-k): one group send per round to a
+           group of the sender and K users (--via group), or K 1:1 sends
+           (--via direct)
   drain    a device with P pending messages (--pending) connects
   storm    N connected devices (-n) all dropped at once reconnect with backoff
 
@@ -52,6 +54,7 @@ func runBench(ctx context.Context, args []string) error {
 	fs.IntVar(&o.Size, "size", 64, "payload `bytes` (at least 16)")
 	fs.Float64Var(&o.Rate, "rate", 0, "pairs: fixed total sends per second instead of a closed loop")
 	fs.IntVar(&o.K, "k", 1024, "fanout: online receiving devices")
+	fs.StringVar(&o.Via, "via", bench.ViaGroup, "fanout: how the sender reaches them: group (one group send; a child server allows K+1 members) or direct (K 1:1 sends)")
 	fs.IntVar(&o.Pending, "pending", 10000, "drain: pending messages")
 	fs.DurationVar(&o.Ping, "ping", 30*time.Second, "heartbeat interval per connection")
 	fs.IntVar(&o.PerProcess, "per-process", 18500, "conns: connections per bench process before worker processes are used")

@@ -59,8 +59,8 @@ type GroupStore interface {
 }
 
 // DefaultMaxGroupMembers is a group's member limit unless a backend is
-// configured with another.
-const DefaultMaxGroupMembers = 256
+// configured with another (WhatsApp's group limit).
+const DefaultMaxGroupMembers = 1024
 
 // Group is a group as the server knows it.
 type Group struct {

@@ -48,6 +48,7 @@ func testServe(args []string) error {
 	addr := fs.String("addr", "127.0.0.1:0", "")
 	data := fs.String("data", "", "")
 	transport := fs.String("transport", "", "")
+	maxMembers := fs.Int("max-group-members", 0, "")
 	fs.Bool("log-json", false, "")
 	if len(args) == 0 || args[0] != "serve" {
 		return fmt.Errorf("want serve, got %q", args)
@@ -56,7 +57,8 @@ func testServe(args []string) error {
 		return err
 	}
 	log := slog.New(slog.NewJSONHandler(os.Stderr, nil))
-	srv, err := server.New(server.Config{Addr: *addr, DataDir: *data, Logger: log, MinFreeBytes: 1, Transport: *transport})
+	srv, err := server.New(server.Config{Addr: *addr, DataDir: *data, Logger: log, MinFreeBytes: 1, Transport: *transport,
+		MaxGroupMembers: *maxMembers})
 	if err != nil {
 		return err
 	}
@@ -161,13 +163,44 @@ func TestPairsRemoteServer(t *testing.T) {
 	}
 }
 
+// TestFanout runs both ways of reaching the devices: one group send per
+// round (the default), and K 1:1 sends.
 func TestFanout(t *testing.T) {
 	t.Parallel()
-	o := childOptions(t)
-	o.K, o.Duration = 8, 300*time.Millisecond
-	res := runOK(t, "fanout", o, 0)
-	if *res.Rounds == 0 || *res.Delivered != *res.Rounds*8 {
-		t.Errorf("%d delivered in %d rounds of 8", *res.Delivered, *res.Rounds)
+	for _, via := range []string{ViaGroup, ViaDirect} {
+		t.Run(via, func(t *testing.T) {
+			t.Parallel()
+			o := childOptions(t)
+			o.K, o.Duration, o.Via = 8, 300*time.Millisecond, via
+			res := runOK(t, "fanout", o, 0)
+			if *res.Rounds == 0 || *res.Delivered != *res.Rounds*8 || *res.Accepted != *res.Delivered {
+				t.Errorf("%d delivered, %d accepted in %d rounds of 8", *res.Delivered, *res.Accepted, *res.Rounds)
+			}
+			if *res.ReceiptsSeen != *res.Delivered {
+				t.Errorf("receipts %d for %d deliveries", *res.ReceiptsSeen, *res.Delivered)
+			}
+			if !strings.Contains(res.Params, "via="+via) || res.LastDeliveryP99 == nil || res.ServerCPUUsPerMsg == nil {
+				t.Errorf("params %q, last delivery p99 %v, CPU per message %v", res.Params, res.LastDeliveryP99, res.ServerCPUUsPerMsg)
+			}
+			// The group's creation is told to all 9 members' devices, as
+			// GROUP_UPDATEs that are neither messages nor lost.
+			if got := res.Counters["group_updates_acked"]; (via == ViaGroup) != (got >= 9) {
+				t.Errorf("group updates acked: %d", got)
+			}
+		})
+	}
+}
+
+// TestFanoutGroupLimit: a server whose member limit is below the group
+// the bench needs says so, and how to raise it.
+func TestFanoutGroupLimit(t *testing.T) {
+	t.Parallel()
+	s := servertest.Start(t) // the default limit
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	_, err := Run(ctx, "fanout", Options{Server: s.URL, K: 1100, Log: testLog{t}})
+	if err == nil || !strings.Contains(err.Error(), "--max-group-members") {
+		t.Errorf("fanout of 1100 against a server allowing 1024 members: %v", err)
 	}
 }
 
@@ -224,6 +257,9 @@ func TestBadOptions(t *testing.T) {
 	}
 	if _, err := Run(context.Background(), "pairs", Options{ServerCmd: []string{"false"}, Transport: "threads"}); err == nil || !strings.Contains(err.Error(), "--transport") {
 		t.Errorf("unknown transport: %v", err)
+	}
+	if _, err := Run(context.Background(), "fanout", Options{Server: "http://127.0.0.1:1", Via: "carrier-pigeon"}); err == nil || !strings.Contains(err.Error(), "--via") {
+		t.Errorf("unknown --via: %v", err)
 	}
 	if _, err := Run(context.Background(), "pairs", Options{Server: "http://127.0.0.1:1", Transport: "epoll"}); err == nil || !strings.Contains(err.Error(), "child server only") {
 		t.Errorf("--transport with --server: %v", err)
@@ -320,5 +356,41 @@ func TestBackoffMirrorsSDK(t *testing.T) {
 		if d := b.delay(0, 4*time.Second); d < 4*time.Second || d > 6*time.Second {
 			t.Fatalf("hint 4s: delay %v outside [4s, 6s]", d)
 		}
+	}
+}
+
+// TestGroupLedger: a group message is one payload for every member, and
+// each receiving device accounts for it in its own stream; GROUP_UPDATEs
+// are acked and never counted as messages.
+func TestGroupLedger(t *testing.T) {
+	r := &run{lat: newLatencies(), counters: map[string]int64{}}
+	a := &client{r: r, epoch: 1, groupStream: r.ledger.newStream()}
+	b := &client{r: r, epoch: 1, groupStream: r.ledger.newStream()}
+	outsider := &client{r: r, epoch: 1}
+	s := &sender{group: "g", fan: []*stream{a.groupStream, b.groupStream}}
+	n := s.take(&r.ledger)
+	s.accepted(&r.ledger, n)
+	if r.ledger.sent.Load() != 2 || r.ledger.accepted.Load() != 2 {
+		t.Fatalf("one group message to 2 devices: sent %d, accepted %d", r.ledger.sent.Load(), r.ledger.accepted.Load())
+	}
+	msg := func(seq uint64) *pb.Deliver {
+		return &pb.Deliver{Seq: seq, Envelope: &pb.Envelope{Kind: pb.EnvelopeKind_ENVELOPE_KIND_MESSAGE, Group: "g",
+			Payload: appendPayload(nil, uint64(n), time.Now().UnixNano(), payloadHeader)}}
+	}
+	a.deliverLocked(msg(1))
+	if got := r.ledger.lost(false); got != 1 {
+		t.Errorf("delivered to one of two: lost %d, want 1", got)
+	}
+	b.deliverLocked(msg(1))
+	a.deliverLocked(msg(2)) // again on the same connection
+	outsider.deliverLocked(msg(1))
+	a.deliverLocked(&pb.Deliver{Seq: 3, Envelope: &pb.Envelope{Kind: pb.EnvelopeKind_ENVELOPE_KIND_GROUP_UPDATE, Group: "g",
+		GroupUpdate: &pb.GroupUpdate{Group: "g", Version: 2}}})
+	l := &r.ledger
+	if l.delivered.Load() != 2 || l.duplicates.Load() != 1 || l.unexpected.Load() != 1 || l.lost(false) != 0 {
+		t.Errorf("delivered %d duplicates %d unexpected %d lost %d", l.delivered.Load(), l.duplicates.Load(), l.unexpected.Load(), l.lost(false))
+	}
+	if r.groupUpdates.Load() != 1 || len(a.acks) != 3 || a.acks[2] != 3 {
+		t.Errorf("group updates %d; acks %v, want the update's seq 3 among them", r.groupUpdates.Load(), a.acks)
 	}
 }

@@ -41,9 +41,13 @@ type client struct {
 	// holdAcks: deliveries are recorded but not acked (a phone that dies
 	// before acking).
 	holdAcks atomic.Bool
-	snd      *sender      // non-nil for a sending device
-	attempt  atomic.Int32 // reconnect attempts since the last success
-	expect   int          // storm: messages this device must get acked
+	snd      *sender // non-nil for a sending device
+	// groupStream, for a member of a bench group, numbers the group's
+	// messages as this device receives them: message n of the group send
+	// is message n of groupStream (see sender.fan).
+	groupStream *stream
+	attempt     atomic.Int32 // reconnect attempts since the last success
+	expect      int          // storm: messages this device must get acked
 }
 
 // Frame ids: a Send's id is its message number + 1, so the reply names the
@@ -112,7 +116,7 @@ func (c *client) onMessageLocked(msg []byte) {
 		c.deliverLocked(b.Deliver)
 	case *pb.ServerFrame_Accepted:
 		if c.snd != nil && f.Id > 0 && f.Id < otherIDs {
-			c.r.ledger.markAccepted(c.snd.stream, uint32(f.Id-1))
+			c.snd.accepted(&c.r.ledger, uint32(f.Id-1))
 			c.credits++
 		}
 	case *pb.ServerFrame_Refused:
@@ -144,6 +148,15 @@ func (c *client) deliverLocked(d *pb.Deliver) {
 	switch e.GetKind() {
 	case pb.EnvelopeKind_ENVELOPE_KIND_MESSAGE:
 		key, sent, ok := parsePayload(e.GetPayload())
+		if ok && e.GetGroup() != "" {
+			// A group message: one payload for every member, whose key is
+			// the message number; this device's copy is that message of
+			// its own group stream.
+			ok = c.groupStream != nil
+			if ok {
+				key = uint64(c.groupStream.id)<<32 | uint64(uint32(key))
+			}
+		}
 		if !ok {
 			c.r.ledger.unexpected.Add(1)
 			break
@@ -159,6 +172,10 @@ func (c *client) deliverLocked(d *pb.Deliver) {
 		if e.GetReceipt().GetType() == pb.ReceiptType_RECEIPT_TYPE_DELIVERED {
 			c.r.receipts.Add(int64(len(e.GetReceipt().GetMessages())))
 		}
+	case pb.EnvelopeKind_ENVELOPE_KIND_GROUP_UPDATE:
+		// Not a message: counted apart, and acked like any entry so that
+		// the server deletes it.
+		c.r.groupUpdates.Add(1)
 	}
 	if !hold {
 		c.acks = append(c.acks, d.Seq)
@@ -235,12 +252,22 @@ func (c *client) onClosed(nc *nbio.Conn, err error) {
 	}
 }
 
-// sender is a sending device's message source.
+// sender is a sending device's message source: 1:1 messages, message n
+// to targets[n % len], or group messages.
 type sender struct {
-	stream   *stream
-	targets  []*account // message n goes to targets[n % len]
-	size     int
-	inflight atomic.Int64
+	stream  *stream
+	targets []*account // message n goes to targets[n % len]
+	// group, when set, makes every message one group send (group at
+	// groupVersion) instead. Such a message is one delivery to each
+	// member's device, so it has no stream of its own: message n is
+	// message n of each receiving device's stream in fan (its
+	// client.groupStream), which only this sender numbers, so they go in
+	// step.
+	group        string
+	groupVersion uint64
+	fan          []*stream
+	size         int
+	inflight     atomic.Int64
 	// stopAt: no new sends at or after this time (Unix nanos); 0: none
 	// until set.
 	stopAt   atomic.Int64
@@ -256,28 +283,68 @@ func (s *sender) next(c *client) {
 	if at := s.stopAt.Load(); at != 0 && time.Now().UnixNano() >= at {
 		return
 	}
-	n := c.r.ledger.take(s.stream)
+	n := s.take(&c.r.ledger)
 	s.inflight.Add(1)
 	s.write(c, n)
 }
 
+// take numbers a new message: in its stream, or in every stream of fan.
+func (s *sender) take(l *ledger) uint32 {
+	if s.fan == nil {
+		return l.take(s.stream)
+	}
+	var n uint32
+	for i, st := range s.fan {
+		m := l.take(st)
+		if i > 0 && m != n {
+			panic("bench: group streams out of step") // only this sender numbers them
+		}
+		n = m
+	}
+	return n
+}
+
+// accepted records that the server accepted message n.
+func (s *sender) accepted(l *ledger, n uint32) {
+	if s.fan == nil {
+		l.markAccepted(s.stream, n)
+		return
+	}
+	for _, st := range s.fan {
+		l.markAccepted(st, n)
+	}
+}
+
 func (s *sender) write(c *client, n uint32) {
-	to := s.targets[int(n)%len(s.targets)]
-	key := uint64(s.stream.id)<<32 | uint64(n)
 	bp := framePool.Get().(*[]byte)
-	payload := appendPayload((*bp)[:0], key, time.Now().UnixNano(), s.size)
-	f := &pb.ClientFrame{Id: uint64(n) + 1, Body: &pb.ClientFrame_Send{Send: &pb.Send{
-		ClientMsgId: "m" + strconv.FormatUint(uint64(n), 10),
-		To:          to.User,
-		Payloads:    []*pb.DevicePayload{{Device: &pb.DeviceAddress{User: to.User, Device: to.Device}, Payload: payload}},
-	}}}
+	var f *pb.ClientFrame
+	if s.group != "" {
+		// The server cannot tell this from a sender-key ciphertext.
+		payload := appendPayload((*bp)[:0], uint64(n), time.Now().UnixNano(), s.size)
+		f = &pb.ClientFrame{Id: uint64(n) + 1, Body: &pb.ClientFrame_Send{Send: &pb.Send{
+			ClientMsgId:  "m" + strconv.FormatUint(uint64(n), 10),
+			Group:        s.group,
+			GroupVersion: s.groupVersion,
+			Payload:      payload,
+		}}}
+		*bp = payload[:0]
+	} else {
+		to := s.targets[int(n)%len(s.targets)]
+		key := uint64(s.stream.id)<<32 | uint64(n)
+		payload := appendPayload((*bp)[:0], key, time.Now().UnixNano(), s.size)
+		f = &pb.ClientFrame{Id: uint64(n) + 1, Body: &pb.ClientFrame_Send{Send: &pb.Send{
+			ClientMsgId: "m" + strconv.FormatUint(uint64(n), 10),
+			To:          to.User,
+			Payloads:    []*pb.DevicePayload{{Device: &pb.DeviceAddress{User: to.User, Device: to.Device}, Payload: payload}},
+		}}}
+		*bp = payload[:0]
+	}
 	if err := c.send(f); err != nil {
 		// The connection is gone; the message was never accepted and is
 		// not counted as lost. It stays "sent" for the record.
 		s.inflight.Add(-1)
 		c.r.count("send_write_errors", 1)
 	}
-	*bp = payload[:0]
 	framePool.Put(bp)
 }
 

@@ -13,7 +13,10 @@ import (
 // sending stream in the high 32 bits, the stream's message number in the
 // low 32) and its send time in Unix nanoseconds; the rest is padding up to
 // the requested size. One key is one (message, receiving device) delivery:
-// the bench never addresses one send to several devices.
+// the bench never addresses one 1:1 send to several devices. A group send
+// is one payload for every member, so its key is only the message number,
+// and each receiving device counts it in a stream of its own
+// (client.groupStream).
 const payloadHeader = 16
 
 func appendPayload(b []byte, key uint64, sentNanos int64, size int) []byte {

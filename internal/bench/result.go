@@ -38,6 +38,7 @@ type Result struct {
 	MaxMs           *float64 `json:"max_ms,omitempty"`
 	LastDeliveryMs  *float64 `json:"time_to_last_delivery_ms,omitempty"`
 	LastDeliveryP50 *float64 `json:"time_to_last_delivery_p50_ms,omitempty"`
+	LastDeliveryP99 *float64 `json:"time_to_last_delivery_p99_ms,omitempty"`
 	LastDeliveryMax *float64 `json:"time_to_last_delivery_max_ms,omitempty"`
 	Rounds          *int64   `json:"rounds,omitempty"`
 	DrainMs         *float64 `json:"drain_ms,omitempty"`

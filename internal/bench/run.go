@@ -6,10 +6,12 @@ import (
 	"crypto/rand"
 	"encoding/base64"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net"
 	"net/http"
+	"net/url"
 	"sort"
 	"strconv"
 	"strings"
@@ -43,6 +45,7 @@ type run struct {
 	pongs         atomic.Int64
 	confirmedAcks atomic.Int64
 	lastDelivery  atomic.Int64 // Unix nanos
+	groupUpdates  atomic.Int64 // GROUP_UPDATE envelopes delivered (and acked)
 
 	confirmAcks bool
 	onSynced    func(c *client)
@@ -326,4 +329,76 @@ func sortedKeys(m map[string]int64) []string {
 	}
 	sort.Strings(keys)
 	return keys
+}
+
+// groupChunk is how many members one group request names: the API bounds
+// request bodies, and a bench group may be larger than one body holds.
+const groupChunk = 500
+
+// createGroup makes a group of owner (its admin) and members over the API:
+// POST /v1/groups with the first members, then POST
+// /v1/groups/{id}/members with the rest, groupChunk at a time. It returns
+// the group's id and its version after the last change.
+func (g *registrar) createGroup(ctx context.Context, owner *account, members []*account) (string, uint64, error) {
+	names := make([]string, len(members))
+	for i, m := range members {
+		names[i] = m.User
+	}
+	first := names[:min(groupChunk, len(names))]
+	var grp struct {
+		ID      string `json:"id"`
+		Version uint64 `json:"version"`
+	}
+	if err := g.post(ctx, owner, "/v1/groups", map[string][]string{"members": first}, http.StatusCreated, &grp); err != nil {
+		return "", 0, err
+	}
+	if grp.ID == "" {
+		return "", 0, errors.New("POST /v1/groups: the answer names no group id")
+	}
+	for rest := names[len(first):]; len(rest) > 0; {
+		n := min(groupChunk, len(rest))
+		if err := g.post(ctx, owner, "/v1/groups/"+url.PathEscape(grp.ID)+"/members", map[string][]string{"users": rest[:n]}, http.StatusOK, &grp); err != nil {
+			return "", 0, err
+		}
+		rest = rest[n:]
+	}
+	return grp.ID, grp.Version, nil
+}
+
+// post sends body as JSON with owner's credential and decodes a want
+// answer into out. A group too large for the server's member limit says
+// how to raise it.
+func (g *registrar) post(ctx context.Context, owner *account, path string, body any, want int, out any) error {
+	data, err := json.Marshal(body)
+	if err != nil {
+		return err
+	}
+	for attempt := 0; ; attempt++ {
+		req, err := http.NewRequestWithContext(ctx, "POST", g.base+path, bytes.NewReader(data))
+		if err != nil {
+			return err
+		}
+		req.Header.Set("Content-Type", "application/json")
+		req.Header.Set("Authorization", owner.basic())
+		resp, err := g.http.Do(req)
+		if err != nil {
+			return fmt.Errorf("POST %s: %w", path, err)
+		}
+		answer, _ := io.ReadAll(io.LimitReader(resp.Body, 4<<20))
+		resp.Body.Close()
+		switch {
+		case resp.StatusCode == want:
+			if err := json.Unmarshal(answer, out); err != nil {
+				return fmt.Errorf("POST %s: undecodable answer: %w", path, err)
+			}
+			return nil
+		case resp.StatusCode == http.StatusTooManyRequests && attempt < 10:
+			time.Sleep(time.Duration(attempt+1) * 200 * time.Millisecond)
+		case resp.StatusCode == http.StatusConflict && bytes.Contains(answer, []byte("too_many_members")):
+			return fmt.Errorf("POST %s: %s: the server's group member limit is too low for this bench (start it with --max-group-members): %s",
+				path, resp.Status, bytes.TrimSpace(answer))
+		default:
+			return fmt.Errorf("POST %s: %s: %s", path, resp.Status, bytes.TrimSpace(answer))
+		}
+	}
 }

@@ -5,11 +5,13 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
 
+	"github.com/courier-im/courier/internal/accounts"
 	"github.com/courier-im/courier/internal/gateway"
 )
 
@@ -40,8 +42,12 @@ type Options struct {
 	Size     int           // payload bytes, at least 16 (default 64)
 	Rate     float64       // pairs: fixed total send rate per second instead of a closed loop (0: closed loop)
 	K        int           // fanout: receivers (default 1024)
-	Pending  int           // drain: pending messages (default 10000)
-	Ping     time.Duration // heartbeat interval (default 30 s)
+	// Via is how fanout reaches its K devices: "group" (default), one
+	// group send per round to a group of the sender and K users, or
+	// "direct", K 1:1 sends per round.
+	Via     string
+	Pending int           // drain: pending messages (default 10000)
+	Ping    time.Duration // heartbeat interval (default 30 s)
 	// PerProcess is how many connections one bench process holds before
 	// conns spreads over worker processes (default 18,500: the hard limit
 	// here is 20,000 open files per process).
@@ -77,6 +83,9 @@ func (o *Options) defaults(scenario string) {
 	if o.K <= 0 {
 		o.K = 1024
 	}
+	if o.Via == "" {
+		o.Via = ViaGroup
+	}
 	if o.Pending <= 0 {
 		o.Pending = 10000
 	}
@@ -93,6 +102,12 @@ func (o *Options) defaults(scenario string) {
 		o.Log = io.Discard
 	}
 }
+
+// The ways fanout reaches its devices (Options.Via).
+const (
+	ViaGroup  = "group"
+	ViaDirect = "direct"
+)
 
 // Scenarios lists the scenarios Run knows, in the order the help shows.
 var Scenarios = []string{"conns", "pairs", "fanout", "drain", "storm"}
@@ -112,6 +127,9 @@ func Run(ctx context.Context, scenario string, o Options) (*Result, error) {
 	if fn == nil {
 		return nil, fmt.Errorf("unknown scenario %q (want one of %s)", scenario, strings.Join(Scenarios, ", "))
 	}
+	if o.Via != ViaGroup && o.Via != ViaDirect {
+		return nil, fmt.Errorf("--via %q: want %s or %s", o.Via, ViaGroup, ViaDirect)
+	}
 	raiseFileLimit()
 	var t *target
 	var err error
@@ -129,7 +147,12 @@ func Run(ctx context.Context, scenario string, o Options) (*Result, error) {
 		if len(o.ServerCmd) == 0 {
 			return nil, errors.New("no --server and no command to start one")
 		}
-		t, err = startChild(ctx, o.ServerCmd, o.Transport)
+		var extra []string
+		if scenario == "fanout" && o.Via == ViaGroup {
+			// The group is the sender and K receivers.
+			extra = []string{"--max-group-members", strconv.Itoa(max(o.K+1, accounts.DefaultMaxGroupMembers))}
+		}
+		t, err = startChild(ctx, o.ServerCmd, o.Transport, extra...)
 	}
 	if err != nil {
 		return nil, err
@@ -343,6 +366,10 @@ func sleepCtx(ctx context.Context, d time.Duration) {
 
 // ---- fanout ----
 
+// runFanout measures one sender reaching K online devices, round after
+// round: by one group send to a group of the sender and K users (--via
+// group), or by K 1:1 sends (--via direct). A round ends at the last of
+// the K deliveries.
 func runFanout(ctx context.Context, e *env) (*Result, error) {
 	o := e.o
 	sa, err := e.accounts(ctx, "f", 1)
@@ -356,7 +383,23 @@ func runFanout(ctx context.Context, e *env) (*Result, error) {
 	r := newRun(e.eng, e.t)
 	recv := e.clients(r, ra, 0)
 	snd := e.clients(r, sa, o.K)[0]
-	s := &sender{stream: r.ledger.newStream(), targets: ra, size: o.Size}
+	s := &sender{targets: ra, size: o.Size}
+	if o.Via == ViaGroup {
+		start := time.Now()
+		id, version, err := e.reg.createGroup(ctx, sa[0], ra)
+		if err != nil {
+			return nil, fmt.Errorf("creating the group: %w", err)
+		}
+		e.logf("created group %s of %d members (version %d) in %v", id, o.K+1, version, time.Since(start).Round(time.Millisecond))
+		s.group, s.groupVersion = id, version
+		s.fan = make([]*stream, len(recv))
+		for i, c := range recv {
+			c.groupStream = r.ledger.newStream()
+			s.fan[i] = c.groupStream
+		}
+	} else {
+		s.stream = r.ledger.newStream()
+	}
 	snd.snd = s
 	all := append(append([]*client(nil), recv...), snd)
 	if failed, err := r.connectAll(ctx, all, o.DialConcurrency, 60*time.Second); failed > 0 {
@@ -366,20 +409,30 @@ func runFanout(ctx context.Context, e *env) (*Result, error) {
 	hbCtx, stopHB := context.WithCancel(ctx)
 	defer stopHB()
 	go r.heartbeat(hbCtx, all, o.Ping)
+	if o.Via == ViaGroup {
+		// The group's GROUP_UPDATEs came with the backlog, before Synced,
+		// and were acked; let the acks' deletions settle out of the
+		// measurement.
+		time.Sleep(500 * time.Millisecond)
+	}
 
-	// One round: the sender sends one message to each of the K devices
-	// (pipelined, as a group send to K members would be), and the round
-	// ends at the last delivery. Rounds repeat for the duration.
-	e.logf("fanout: one sender to %d devices, rounds for %v", o.K, o.Duration)
+	// One round: one group send, or the sender sends one message to each
+	// of the K devices (pipelined); the round ends at the last delivery.
+	// Rounds repeat for the duration.
+	e.logf("fanout: one sender to %d devices via %s, rounds for %v", o.K, o.Via, o.Duration)
 	s0 := e.t.sample()
 	start := time.Now()
 	last := newLatencies()
 	var rounds int64
 	for rounds == 0 || (time.Since(start) < o.Duration && ctx.Err() == nil) {
 		t0 := time.Now()
-		want := r.ledger.sent.Load() + int64(o.K)
-		for range o.K {
+		want := r.ledger.delivered.Load() + int64(o.K)
+		if o.Via == ViaGroup {
 			s.next(snd)
+		} else {
+			for range o.K {
+				s.next(snd)
+			}
 		}
 		if !waitFor(ctx, 60*time.Second, func() bool {
 			return s.inflight.Load() == 0 && r.ledger.delivered.Load() >= want
@@ -393,14 +446,21 @@ func runFanout(ctx context.Context, e *env) (*Result, error) {
 	elapsed := time.Since(start).Seconds()
 	settle(ctx, r, []*sender{s}, true, 30*time.Second)
 	s1 := e.t.sample()
-	res := &Result{Params: fmt.Sprintf("k=%d size=%d", o.K, o.Size)}
+	res := &Result{Params: fmt.Sprintf("k=%d via=%s size=%d", o.K, o.Via, o.Size)}
 	res.DurationSec = f64(elapsed)
 	res.Rounds = i64(rounds)
 	res.DeliveredPerSec = f64(float64(r.ledger.delivered.Load()) / elapsed)
 	res.AcceptedPerSec = f64(float64(r.ledger.accepted.Load()) / elapsed)
 	res.LastDeliveryP50 = last.quantileMs(50)
+	res.LastDeliveryP99 = last.quantileMs(99)
 	res.LastDeliveryMax = last.maxMs()
 	messageFigures(res, r, false)
+	if n := r.groupUpdates.Load(); n > 0 {
+		if res.Counters == nil {
+			res.Counters = map[string]int64{}
+		}
+		res.Counters["group_updates_acked"] = n
+	}
 	res.ServerCPUSeconds, res.ServerCPUUsPerMsg = cpuPerMsg(s0, s1, r.ledger.delivered.Load())
 	return res, nil
 }

@@ -38,6 +38,7 @@ type target struct {
 	// Child only.
 	argv      []string // command that runs the courier binary
 	transport string   // serve --transport, if set
+	extra     []string // more serve flags
 	dir       string   // temporary directory (data and server.log)
 	cmd       *exec.Cmd
 	exited    chan struct{}
@@ -62,14 +63,14 @@ func remoteTarget(raw string) (*target, error) {
 }
 
 // startChild runs `argv... serve --addr 127.0.0.1:0 --data DIR --log-json
-// [--transport T]` and waits for its "courier serving" line to learn the
-// address.
-func startChild(ctx context.Context, argv []string, transport string) (*target, error) {
+// [--transport T] [extra...]` and waits for its "courier serving" line to
+// learn the address.
+func startChild(ctx context.Context, argv []string, transport string, extra ...string) (*target, error) {
 	dir, err := os.MkdirTemp("", "courier-bench-*")
 	if err != nil {
 		return nil, err
 	}
-	t := &target{argv: argv, transport: transport, dir: dir, loopback: true}
+	t := &target{argv: argv, transport: transport, extra: extra, dir: dir, loopback: true}
 	if err := t.start(ctx, "127.0.0.1:0"); err != nil {
 		os.RemoveAll(dir)
 		return nil, err
@@ -83,6 +84,7 @@ func (t *target) start(ctx context.Context, addr string) error {
 	if t.transport != "" {
 		args = append(args, "--transport", t.transport)
 	}
+	args = append(args, t.extra...)
 	cmd := exec.Command(t.argv[0], args...)
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL} // never outlive the bench
 	stderr, err := cmd.StderrPipe()

@@ -3,12 +3,14 @@ package delivery_test
 import (
 	"context"
 	"fmt"
+	"path/filepath"
 	"sync"
 	"sync/atomic"
 	"testing"
 
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/courier-im/courier/internal/accounts/sqlite"
 	"github.com/courier-im/courier/internal/auth/authtest"
 	"github.com/courier-im/courier/internal/delivery"
 	"github.com/courier-im/courier/internal/ident"
@@ -81,4 +83,61 @@ func benchSend(b *testing.B, devices, senders int) {
 		})
 	}
 	wg.Wait()
+}
+
+// BenchmarkGroupSend measures Service.Send of one group message, durable
+// on a real disk, to a group of a sender and members other users of one
+// device each: the storing half of a group fan-out (the devices are told
+// by a notifier that does nothing). One op is one group send; the group
+// is in SQLite, as on a single node, and the device lists in memory.
+//
+//	go test -run '^$' -bench GroupSend -benchmem ./internal/delivery/
+func BenchmarkGroupSend(b *testing.B) {
+	for _, members := range []int{256, 1024} {
+		b.Run(fmt.Sprintf("members=%d", members), func(b *testing.B) { benchGroupSend(b, members) })
+	}
+}
+
+func benchGroupSend(b *testing.B, members int) {
+	ctx := context.Background()
+	accts := authtest.New()
+	gs, err := sqlite.Open(filepath.Join(b.TempDir(), "accounts.db"), sqlite.Options{MaxGroupMembers: members + 1})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer gs.Close()
+	names := make([]string, members)
+	for i := range members + 1 {
+		name := fmt.Sprint("m", i)
+		if _, _, err := accts.Register(name); err != nil {
+			b.Fatal(err)
+		}
+		if _, _, err := gs.CreateUser(ctx, name, "", []byte{1}); err != nil {
+			b.Fatal(err)
+		}
+		if i > 0 {
+			names[i-1] = name
+		}
+	}
+	ch, err := gs.CreateGroup(ctx, "m0", names)
+	if err != nil {
+		b.Fatal(err)
+	}
+	mb, err := pebble.Open(b.TempDir(), pebble.Options{})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer mb.Close()
+	svc := delivery.New(delivery.Config{Mailbox: mb, Accounts: accts, Groups: gs, Notifier: nopNotifier{},
+		Metrics: metrics.New(prometheus.NewRegistry())})
+	from := ident.Device{User: "m0", ID: 1}
+	payload := make([]byte, 64)
+	b.ReportAllocs()
+	b.ResetTimer()
+	for n := range b.N {
+		if _, err := svc.Send(ctx, delivery.SendRequest{From: from, ClientMsgID: fmt.Sprint(n), Group: ch.Group.ID,
+			GroupVersion: ch.Group.Version, Payload: payload}); err != nil {
+			b.Fatal(err)
+		}
+	}
 }

@@ -185,10 +185,15 @@ type PendingSend struct {
 	s *Service
 	// pending holds the send's appends: one, or for a group message to
 	// many devices one per chunk (see groups.go), the first of which
-	// decides whether the send is a duplicate.
+	// decides whether the send is a duplicate. parts[i] is what pending[i]
+	// appends.
 	pending []mailbox.Pending
-	items   []mailbox.Item
-	acc     Accepted
+	parts   [][]mailbox.Item
+	// notified counts the leading parts whose devices have been told: a
+	// part of a fresh send is told as soon as it is durable, without
+	// waiting for the later ones.
+	notified int
+	acc      Accepted
 	// waited holds Wait's result once it has been computed.
 	waited bool
 	err    error
@@ -300,7 +305,7 @@ func (s *Service) StartSend(ctx context.Context, req SendRequest) (*PendingSend,
 		}
 		return nil, s.storageError(err)
 	}
-	return &PendingSend{s: s, pending: []mailbox.Pending{p}, items: items,
+	return &PendingSend{s: s, pending: []mailbox.Pending{p}, parts: [][]mailbox.Item{items},
 		acc: Accepted{ServerID: serverID, Time: time.UnixMilli(now.UnixMilli())}}, nil
 }
 
@@ -332,6 +337,11 @@ func (p *PendingSend) wait(ctx context.Context) (Accepted, error) {
 		if i == 0 {
 			res = r
 		}
+		if !res.Duplicate {
+			// This part is durable: its devices may fetch it while the
+			// later parts are still being made durable.
+			p.notifyUpTo(i + 1)
+		}
 	}
 	if res.Duplicate {
 		s.cfg.Metrics.Duplicates.Inc()
@@ -342,17 +352,23 @@ func (p *PendingSend) wait(ctx context.Context) (Accepted, error) {
 		if len(p.pending) > 1 {
 			// The later chunks may have been stored only now, finishing
 			// an earlier attempt.
-			for _, it := range p.items {
-				s.cfg.Notifier.Notify(it.Device)
-			}
+			p.notifyUpTo(len(p.parts))
 		}
 		return Accepted{ServerID: id, Time: t, Duplicate: true}, nil
 	}
 	s.cfg.Metrics.Accepted.Inc()
-	for _, it := range p.items {
-		s.cfg.Notifier.Notify(it.Device)
-	}
 	return p.acc, nil
+}
+
+// notifyUpTo tells the devices of parts[:n] that have not been told yet.
+// Only a durable part may be told: a device must never fetch a copy that a
+// crash could take back.
+func (p *PendingSend) notifyUpTo(n int) {
+	for ; p.notified < n; p.notified++ {
+		for _, it := range p.parts[p.notified] {
+			p.s.cfg.Notifier.Notify(it.Device)
+		}
+	}
 }
 
 // startAppend orders b in the mailbox: with mailbox.StartAppend when the

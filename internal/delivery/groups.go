@@ -16,7 +16,7 @@ import (
 )
 
 // GroupChunk is the most items one mailbox batch of a group message or a
-// GROUP_UPDATE holds. A group of 256 members with 16 devices each is 4,096
+// GROUP_UPDATE holds. A group of 1,024 members with 4 devices each is 4,096
 // devices, more than one atomic batch may hold (a JetStream batch holds at
 // most 1,000 messages), so such a send is split into several batches, each
 // with its own idempotency key.
@@ -111,7 +111,7 @@ func (s *Service) startGroupSend(ctx context.Context, req SendRequest) (*Pending
 	if err != nil {
 		return fail(err)
 	}
-	p := &PendingSend{s: s, pending: []mailbox.Pending{first}, items: items,
+	p := &PendingSend{s: s, pending: []mailbox.Pending{first}, parts: chunks[:1:1],
 		acc: Accepted{ServerID: env.ServerId, Time: time.UnixMilli(env.ServerTimeMs)}}
 	if len(chunks) == 1 {
 		return p, nil
@@ -131,7 +131,7 @@ func (s *Service) startGroupSend(ctx context.Context, req SendRequest) (*Pending
 			return nil, err
 		}
 		chunks = chunk(items, GroupChunk)
-		p.items = items
+		p.parts = chunks[:1:1]
 	}
 	for n := 1; n < len(chunks); n++ {
 		pend, err := s.startAppend(ctx, batch(n, chunks[n]))
@@ -139,6 +139,12 @@ func (s *Service) startGroupSend(ctx context.Context, req SendRequest) (*Pending
 			return fail(err)
 		}
 		p.pending = append(p.pending, pend)
+		p.parts = append(p.parts, chunks[n])
+	}
+	if !res.Duplicate {
+		// The first chunk is durable: its devices fetch it while the
+		// others are made durable.
+		p.notifyUpTo(1)
 	}
 	return p, nil
 }

@@ -266,3 +266,34 @@ func TestGroupChangedTellsMembersBeforeAndAfter(t *testing.T) {
 		t.Fatalf("alice.1 holds %d entries after a no-op change, want 1", len(es))
 	}
 }
+
+// TestGroupSendNotifiesChunkByChunk: the devices of a durable chunk are
+// told at once, before the later chunks are durable and the send is
+// accepted; every device is told exactly once.
+func TestGroupSendNotifiesChunkByChunk(t *testing.T) {
+	fx := newGroupFixture(t)
+	targets := fx.targets() // alice.2, then bob's devices: 601, two chunks
+	p, err := fx.svc.StartSend(t.Context(), SendRequest{From: alice1, ClientMsgID: "c1", Group: fx.group.ID, GroupVersion: 1, Payload: []byte("sealed")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i, d := range targets {
+		if want := min(1, max(0, GroupChunk-i)); fx.notify.n[d] != want {
+			t.Fatalf("after StartSend, device %d (%s) told %d times, want %d", i, d, fx.notify.n[d], want)
+		}
+	}
+	if _, err := p.Wait(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := p.Wait(t.Context()); err != nil { // Wait again: nobody told twice
+		t.Fatal(err)
+	}
+	for i, d := range targets {
+		if fx.notify.n[d] != 1 {
+			t.Fatalf("after Wait, device %d (%s) told %d times, want 1", i, d, fx.notify.n[d])
+		}
+	}
+	if fx.notify.n[alice1] != 0 {
+		t.Errorf("the sending device was told %d times", fx.notify.n[alice1])
+	}
+}
