@@ -101,6 +101,38 @@ type Pending interface {
 	Wait(ctx context.Context) (Result, error)
 }
 
+// DeleteAppender is an optional capability of a Store: a Delete and the
+// appends it gives rise to (the receipts of an acknowledgement) as one
+// operation, atomic and made durable together: after a crash either the
+// entries are gone and the appended items present, or neither.
+type DeleteAppender interface {
+	// StartDeleteAppend removes the entries of d.Device with the given
+	// seqs (as Delete: seqs absent are ignored), passes those it removed
+	// to d.Then, and appends the items Then returns in the same atomic
+	// write. It returns, once the write is ordered as StartAppend's is, the
+	// removed entries in seq order and a Pending for the appended items
+	// (their seqs, in order, are the Result's). Nothing is removed or
+	// appended when it returns an error, or when Then does.
+	//
+	// When Then appends nothing, the write need not be durable before Wait
+	// returns, as for Delete. Two concurrent calls never remove the same
+	// entry, so an entry's items are appended at most once.
+	StartDeleteAppend(ctx context.Context, d DeleteAppend) ([]Entry, Pending, error)
+}
+
+// DeleteAppend is the work of a DeleteAppender.StartDeleteAppend.
+type DeleteAppend struct {
+	Device ident.Device
+	Seqs   []uint64
+	// Then returns the items to append for the entries removed (in seq
+	// order, at least one). It is called while the store holds the
+	// device's delete lock: it must not call the store. Nil appends
+	// nothing.
+	Then func(removed []Entry) ([]Item, error)
+	// Time is the append time recorded in every item; zero means now.
+	Time time.Time
+}
+
 // Depther is an optional capability: the number of entries held across all
 // mailboxes, for the mailbox depth metric.
 type Depther interface {

@@ -62,8 +62,12 @@ func Run(t *testing.T, newBackend func(t *testing.T) Backend) {
 		{"ContextCancelled", false, testContextCancelled},
 		{"Depth", false, testDepth},
 		{"Closed", false, testClosed},
+		{"DeleteAppend", false, testDeleteAppend},
+		{"DeleteAppendErrors", false, testDeleteAppendErrors},
+		{"DeleteAppendConcurrent", false, testDeleteAppendConcurrent},
 		{"CrashKeepsAppends", true, testCrashKeepsAppends},
 		{"CrashKeepsHighWater", true, testCrashKeepsHighWater},
+		{"CrashDeleteAppendAtomic", true, testCrashDeleteAppendAtomic},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {

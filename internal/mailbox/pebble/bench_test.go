@@ -6,8 +6,11 @@ import (
 	"os"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
+
+	dto "github.com/prometheus/client_model/go"
 
 	"github.com/courier-im/courier/internal/ident"
 	"github.com/courier-im/courier/internal/mailbox"
@@ -199,4 +202,111 @@ func BenchmarkAppendSend(b *testing.B) {
 			b.ReportMetric(float64(b.N)/time.Since(start).Seconds(), "appends/s")
 		})
 	}
+}
+
+// BenchmarkAck measures acknowledgements shaped like the server's: one
+// 64-byte entry acked, giving a DELIVERED receipt to the sender's two
+// devices, from concurrent ackers. "two-ops" is the receipt's Append then
+// the Delete (what internal/delivery does on a store without
+// mailbox.DeleteAppender); "delete-append" is one StartDeleteAppend and its
+// Wait. One op is one ack.
+//
+//	go test -run '^$' -bench Ack -benchtime 20000x -count 6 ./internal/mailbox/pebble/
+func BenchmarkAck(b *testing.B) {
+	small := make([]byte, 64)
+	for _, mode := range []string{"two-ops", "delete-append"} {
+		for _, writers := range []int{1, 16} {
+			b.Run(fmt.Sprintf("%s/writers=%d", mode, writers), func(b *testing.B) {
+				s := benchStore(b)
+				per := b.N/writers + 1
+				for w := range writers {
+					d := ident.Device{User: fmt.Sprintf("r%d", w), ID: 1}
+					for left := per; left > 0; {
+						items := make([]mailbox.Item, min(left, 256))
+						for i := range items {
+							items[i] = mailbox.Item{Device: d, Data: small}
+						}
+						if _, err := s.Append(ctx, mailbox.Batch{Items: items}); err != nil {
+							b.Fatal(err)
+						}
+						left -= len(items)
+					}
+				}
+				var wg sync.WaitGroup
+				b.ReportAllocs()
+				commits, fsyncs, cpu := s.groupsCommitted.Load(), walFsyncs(b, s), cpuTime(b)
+				b.ResetTimer()
+				start := time.Now()
+				for w := range writers {
+					wg.Go(func() {
+						d := ident.Device{User: fmt.Sprintf("r%d", w), ID: 1}
+						back := []mailbox.Item{
+							{Device: ident.Device{User: fmt.Sprintf("s%d", w), ID: 1}, Data: small},
+							{Device: ident.Device{User: fmt.Sprintf("s%d", w), ID: 2}, Data: small},
+						}
+						then := func([]mailbox.Entry) ([]mailbox.Item, error) { return back, nil }
+						// Each acker takes its share of b.N, acking its
+						// device's entries oldest first.
+						share := uint64(b.N / writers)
+						if w < b.N%writers {
+							share++
+						}
+						for seq := uint64(1); seq <= share; seq++ {
+							if err := benchAckOne(s, mode, d, seq, back, then); err != nil {
+								b.Error(err)
+								return
+							}
+						}
+					})
+				}
+				wg.Wait()
+				b.StopTimer()
+				b.ReportMetric(float64(b.N)/time.Since(start).Seconds(), "acks/s")
+				b.ReportMetric(float64(cpuTime(b)-cpu)/float64(time.Microsecond)/float64(b.N), "cpu-µs/op")
+				b.ReportMetric(float64(s.groupsCommitted.Load()-commits)/float64(b.N), "commits/op")
+				b.ReportMetric(float64(walFsyncs(b, s)-fsyncs)/float64(b.N), "fsyncs/op")
+			})
+		}
+	}
+}
+
+func benchAckOne(s *Store, mode string, d ident.Device, seq uint64, back []mailbox.Item, then func([]mailbox.Entry) ([]mailbox.Item, error)) error {
+	if mode == "two-ops" {
+		if _, err := s.Append(ctx, mailbox.Batch{Items: back}); err != nil {
+			return err
+		}
+		got, err := s.Delete(ctx, d, []uint64{seq})
+		if err == nil && len(got) != 1 {
+			err = fmt.Errorf("Delete(%d) removed %d entries", seq, len(got))
+		}
+		return err
+	}
+	got, p, err := s.StartDeleteAppend(ctx, mailbox.DeleteAppend{Device: d, Seqs: []uint64{seq}, Then: then})
+	if err != nil {
+		return err
+	}
+	if len(got) != 1 {
+		return fmt.Errorf("StartDeleteAppend(%d) removed %d entries", seq, len(got))
+	}
+	_, err = p.Wait(ctx)
+	return err
+}
+
+// cpuTime is the CPU time (user and system) the process has used so far,
+// background goroutines included.
+func cpuTime(b *testing.B) time.Duration {
+	var ru syscall.Rusage
+	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
+		b.Fatal(err)
+	}
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+}
+
+// walFsyncs is the number of WAL fsyncs Pebble has made.
+func walFsyncs(b *testing.B, s *Store) uint64 {
+	var m dto.Metric
+	if err := s.db.Metrics().LogWriter.FsyncLatency.Write(&m); err != nil {
+		b.Fatal(err)
+	}
+	return m.GetHistogram().GetSampleCount()
 }

@@ -249,7 +249,7 @@ func (s *Store) commitGroup(group []*commitReq) {
 	if r := group[0]; r.fn != nil {
 		err := s.protect(r.fn)
 		s.commits.Add(-1)
-		r.complete(s, err)
+		r.complete(s, s.failOn(err))
 		return
 	}
 	b := group[0].batch
@@ -275,6 +275,8 @@ func (s *Store) commitGroup(group []*commitReq) {
 		return s.db.Apply(b, pebbledb.NoSync)
 	})
 	s.commits.Add(-1)
+	s.groupsCommitted.Add(1)
+	err = s.failOn(err)
 	if err != nil {
 		b.Close()
 		for _, r := range group {
@@ -318,6 +320,7 @@ func (s *Store) syncer() {
 		if err == nil {
 			err = s.protect(g.batch.SyncWait)
 			s.commits.Add(-1)
+			err = s.failOn(err)
 			g.batch.Close()
 		}
 		for _, r := range g.reqs {

@@ -64,7 +64,12 @@
 // Delete reads the entries and deletes them in one batch under a
 // per-device delete lock (separate from the append lock: deletes touch only
 // existing seqs, appends only new ones), so concurrent deletes of the same
-// entry return and count it once. Deletes are not synced. Expire scans
+// entry return and count it once. Deletes are not synced.
+// StartDeleteAppend (mailbox.DeleteAppender, an acknowledgement and its
+// receipts) writes the deletions and the appended entries into one batch,
+// taking the items' append locks while it holds the delete lock (no path
+// takes them the other way round); with items the batch is synced like an
+// append, so the two are durable, or lost, together. Expire scans
 // every entry and idempotency key, reading the time at the front of each
 // value, so it costs time proportional to everything the store holds: run
 // it every hour or so, not per request. Depth is an atomic counter,

@@ -176,27 +176,37 @@ func (s *Store) runCommit(fn func() error) error {
 	return s.commit(r)
 }
 
-func (s *Store) protect(fn func() error) (err error) {
+// protect runs fn, recovering a panic out of it, and returns the cause of
+// a failure (fn's error, or the panic). It leaves failing the store to its
+// caller, which first counts itself out of Pebble's commit pipeline
+// (commits) and then calls failOn: whoever sees the failure must not find
+// a goroutine still counted inside Pebble unless one is stuck there.
+func (s *Store) protect(fn func() error) (cause error) {
 	defer func() {
 		if r := recover(); r != nil {
 			if f, ok := r.(commitFailure); ok {
-				s.fail(f.err)
+				cause = f.err
 			} else {
 				// Pebble panics in its commit path with its commit mutex
 				// held (for example when the WAL writer has a sticky error):
 				// DB.Close would block on that mutex forever.
 				s.pebbleWedged.Store(true)
 				s.log.Error("pebble panicked while committing", "panic", r, "stack", string(debug.Stack()))
-				s.fail(fmt.Errorf("pebble panicked: %v", r))
+				cause = fmt.Errorf("pebble panicked: %v", r)
 			}
-			err = s.failure()
 		}
 	}()
-	if err := fn(); err != nil {
-		s.fail(err)
-		return s.failure()
+	return fn()
+}
+
+// failOn fails the store if cause is not nil, and returns the store's
+// failure (nil if cause is).
+func (s *Store) failOn(cause error) error {
+	if cause == nil {
+		return nil
 	}
-	return nil
+	s.fail(cause)
+	return s.failure()
 }
 
 // fail moves the store into the failed state, in which every method

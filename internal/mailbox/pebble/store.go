@@ -99,12 +99,16 @@ type Store struct {
 	queue   commitQueue
 	syncs   chan syncGroup
 	stopped chan struct{}
+	// groupsCommitted counts the committer's Pebble commits (the
+	// benchmarks report it).
+	groupsCommitted atomic.Int64
 }
 
 var (
-	_ mailbox.Store     = (*Store)(nil)
-	_ mailbox.Depther   = (*Store)(nil)
-	_ mailbox.Sequencer = (*Store)(nil)
+	_ mailbox.Store          = (*Store)(nil)
+	_ mailbox.Depther        = (*Store)(nil)
+	_ mailbox.Sequencer      = (*Store)(nil)
+	_ mailbox.DeleteAppender = (*Store)(nil)
 )
 
 // Open opens the store in dir, creating it if needed.
@@ -372,73 +376,13 @@ func (s *Store) startAppend(ctx context.Context, b mailbox.Batch) (*pending, err
 	if err := s.space.check(s.minFree, uint64(size)); err != nil {
 		return nil, err
 	}
-	held, err := s.locks.acquireAll(ctx, names, s.failed)
+	batch := s.db.NewBatch()
+	seqs, err := s.addEntries(ctx, r, batch, names, b.Items, when)
 	if err != nil {
-		return nil, s.lockErr(err)
-	}
-	// Released by the committer as soon as the batch is published (see
-	// published), or by the deferred releaseLocks on the paths that never
-	// get there.
-	r.held = held
-
-	// Another append may have failed the store while we waited; Pebble's
-	// commit pipeline must not be entered again then (see guard.go).
-	if err := s.failure(); err != nil {
+		batch.Close()
 		return nil, err
 	}
-	r.highs = make([]uint64, len(held))
-	for i, l := range held {
-		if !l.highKnown {
-			h, err := s.readHigh(l.name[len(lockAppendPrefix):])
-			if err != nil {
-				return nil, err
-			}
-			l.high, l.highKnown = h, true
-		}
-		r.highs[i] = l.high
-	}
-	// Fence the seqs this batch will take, before it can become visible;
-	// the fences are lifted when it completes (or never gets queued).
-	r.fenced = make([]uint64, len(held))
-	r.fencedIDs = make([]string, len(held))
-	for i, l := range held {
-		r.fenced[i] = l.high + 1
-		r.fencedIDs[i] = l.name[len(lockAppendPrefix):]
-		s.fences.add(r.fencedIDs[i], r.fenced[i])
-	}
-	seqs := make([]uint64, len(b.Items))
-	batch := s.db.NewBatch()
 	nanos := uint64(when.UnixNano())
-	for i, it := range b.Items {
-		// held is sorted by name, without duplicates.
-		h, _ := slices.BinarySearchFunc(held, names[i], func(l *lock, name string) int { return strings.Compare(l.name, name) })
-		r.highs[h]++
-		seqs[i] = r.highs[h]
-		devID := names[i][len(lockAppendPrefix):]
-		op := batch.SetDeferred(1+len(devID)+8, 8+len(it.Data))
-		k := append(op.Key[:0], tagEntry)
-		k = append(k, devID...)
-		binary.BigEndian.AppendUint64(k, seqs[i])
-		binary.BigEndian.PutUint64(op.Value, nanos)
-		copy(op.Value[8:], it.Data)
-		if err := op.Finish(); err != nil {
-			batch.Close()
-			return nil, err
-		}
-	}
-	for i, l := range held {
-		// Never reuse a seq: the high-water mark survives deleting every
-		// entry, and it is written in the same atomic batch as the entries.
-		devID := l.name[len(lockAppendPrefix):]
-		op := batch.SetDeferred(1+len(devID), 8)
-		op.Key[0] = tagHigh
-		copy(op.Key[1:], devID)
-		binary.BigEndian.PutUint64(op.Value, r.highs[i])
-		if err := op.Finish(); err != nil {
-			batch.Close()
-			return nil, err
-		}
-	}
 	if b.Key != "" {
 		op := batch.SetDeferred(1+len(b.Key), 8+len(b.Receipt))
 		op.Key[0] = tagKey
@@ -473,6 +417,80 @@ func (s *Store) startAppend(ctx context.Context, b mailbox.Batch) (*pending, err
 		return nil, r.pubErr
 	}
 	return &pending{s: s, req: r, res: mailbox.Result{Seqs: seqs, Receipt: b.Receipt}}, nil
+}
+
+// addEntries writes items into batch for the append r: it takes the
+// append locks named in names (one per item, see appendLockName) into
+// r.held, fences the seqs it assigns, and writes the entries and the
+// devices' high-water marks. It returns the items' seqs. On error the
+// caller closes batch; r's locks and fences are released by whoever
+// completes or abandons r.
+func (s *Store) addEntries(ctx context.Context, r *commitReq, batch *pebbledb.Batch, names []string, items []mailbox.Item, when time.Time) ([]uint64, error) {
+	held, err := s.locks.acquireAll(ctx, names, s.failed)
+	if err != nil {
+		return nil, s.lockErr(err)
+	}
+	// Released by the committer as soon as the batch is published (see
+	// published), or by the caller's releaseLocks on the paths that never
+	// get there.
+	r.held = held
+
+	// Another append may have failed the store while we waited; Pebble's
+	// commit pipeline must not be entered again then (see guard.go).
+	if err := s.failure(); err != nil {
+		return nil, err
+	}
+	r.highs = make([]uint64, len(held))
+	for i, l := range held {
+		if !l.highKnown {
+			h, err := s.readHigh(l.name[len(lockAppendPrefix):])
+			if err != nil {
+				return nil, err
+			}
+			l.high, l.highKnown = h, true
+		}
+		r.highs[i] = l.high
+	}
+	// Fence the seqs this batch will take, before it can become visible;
+	// the fences are lifted when it completes (or never gets queued).
+	r.fenced = make([]uint64, len(held))
+	r.fencedIDs = make([]string, len(held))
+	for i, l := range held {
+		r.fenced[i] = l.high + 1
+		r.fencedIDs[i] = l.name[len(lockAppendPrefix):]
+		s.fences.add(r.fencedIDs[i], r.fenced[i])
+	}
+	seqs := make([]uint64, len(items))
+	nanos := uint64(when.UnixNano())
+	for i, it := range items {
+		// held is sorted by name, without duplicates.
+		h, _ := slices.BinarySearchFunc(held, names[i], func(l *lock, name string) int { return strings.Compare(l.name, name) })
+		r.highs[h]++
+		seqs[i] = r.highs[h]
+		devID := names[i][len(lockAppendPrefix):]
+		op := batch.SetDeferred(1+len(devID)+8, 8+len(it.Data))
+		k := append(op.Key[:0], tagEntry)
+		k = append(k, devID...)
+		binary.BigEndian.AppendUint64(k, seqs[i])
+		binary.BigEndian.PutUint64(op.Value, nanos)
+		copy(op.Value[8:], it.Data)
+		if err := op.Finish(); err != nil {
+			return nil, err
+		}
+	}
+	for i, l := range held {
+		// Never reuse a seq: the high-water mark survives deleting every
+		// entry, and it is written in the same atomic batch as the entries.
+		devID := l.name[len(lockAppendPrefix):]
+		op := batch.SetDeferred(1+len(devID), 8)
+		op.Key[0] = tagHigh
+		copy(op.Key[1:], devID)
+		binary.BigEndian.PutUint64(op.Value, r.highs[i])
+		if err := op.Finish(); err != nil {
+			return nil, err
+		}
+	}
+	return seqs, nil
 }
 
 // appendLockName is the name of dev's append lock: the prefix, then dev's
@@ -621,6 +639,22 @@ func (s *Store) Delete(ctx context.Context, dev ident.Device, seqs []uint64) ([]
 	defer s.locks.release(l)
 
 	batch := s.db.NewBatch()
+	out, err := s.deleteInto(batch, id, seqs)
+	if err != nil || len(out) == 0 {
+		batch.Close()
+		return nil, err
+	}
+	if err := s.commit(newCommitReq(batch, false)); err != nil {
+		return nil, err
+	}
+	s.depth.Add(-int64(len(out)))
+	return out, nil
+}
+
+// deleteInto writes into batch the deletion of the entries of device id
+// with the given seqs (sorted, without duplicates) that are present, and
+// returns those entries. The caller holds the device's delete lock.
+func (s *Store) deleteInto(batch *pebbledb.Batch, id []byte, seqs []uint64) ([]mailbox.Entry, error) {
 	var out []mailbox.Entry
 	for _, seq := range seqs {
 		k := entryKey(id, seq)
@@ -629,30 +663,133 @@ func (s *Store) Delete(ctx context.Context, dev ident.Device, seqs []uint64) ([]
 			continue
 		}
 		if err != nil {
-			batch.Close()
 			return nil, fmt.Errorf("mailbox/pebble: %w", err)
 		}
 		e, err := decodeEntry(k, v)
 		closer.Close()
 		if err != nil {
-			batch.Close()
 			return nil, err
 		}
 		out = append(out, e)
 		if err := batch.Delete(k, nil); err != nil {
-			batch.Close()
 			return nil, err
 		}
 	}
-	if len(out) == 0 {
-		batch.Close()
-		return nil, nil
-	}
-	if err := s.commit(newCommitReq(batch, false)); err != nil {
-		return nil, err
-	}
-	s.depth.Add(-int64(len(out)))
 	return out, nil
+}
+
+// StartDeleteAppend implements mailbox.DeleteAppender: the deletions and
+// the entries d.Then returns are one Pebble batch, so one commit, one WAL
+// record (atomic across a crash) and one share of a group's fsync. The
+// device's delete lock is held from reading the entries until the batch is
+// published, so that concurrent deletes remove each entry once; the items'
+// append locks are taken while it is held (no path takes them the other
+// way round). A batch with items is synced, and Wait waits for it; a batch
+// of deletions alone is not, like Delete's.
+func (s *Store) StartDeleteAppend(ctx context.Context, d mailbox.DeleteAppend) ([]mailbox.Entry, mailbox.Pending, error) {
+	if err := s.enter(); err != nil {
+		return nil, nil, err
+	}
+	defer s.mu.RUnlock()
+	if err := ctx.Err(); err != nil {
+		return nil, nil, err
+	}
+	id, err := deviceID(d.Device)
+	if err != nil {
+		return nil, nil, err
+	}
+	done := &pending{res: mailbox.Result{Seqs: []uint64{}}}
+	if len(d.Seqs) == 0 {
+		return nil, done, nil
+	}
+	if err := s.space.check(s.minFree/2, 0); err != nil {
+		return nil, nil, err
+	}
+	seqs := slices.Clone(d.Seqs)
+	slices.Sort(seqs)
+	seqs = slices.Compact(seqs)
+
+	dl, err := s.locks.acquire(ctx, lockDeletePrefix+string(id), s.failed)
+	if err != nil {
+		return nil, nil, s.lockErr(err)
+	}
+	defer s.locks.release(dl)
+
+	batch := s.db.NewBatch()
+	queued := false
+	defer func() {
+		if !queued {
+			batch.Close()
+		}
+	}()
+	removed, err := s.deleteInto(batch, id, seqs)
+	if err != nil {
+		return nil, nil, err
+	}
+	if len(removed) == 0 {
+		return nil, done, nil
+	}
+	var items []mailbox.Item
+	if d.Then != nil {
+		if items, err = d.Then(removed); err != nil {
+			return nil, nil, err
+		}
+	}
+	r := newCommitReq(batch, false)
+	var appended []uint64
+	if len(items) > 0 {
+		r.sync, r.isAppend = true, true
+		defer func() {
+			if !queued {
+				r.releaseLocks(s)
+				r.unfence(s)
+			}
+		}()
+		names := make([]string, len(items))
+		size := 32
+		for i, it := range items {
+			name, err := appendLockName(it.Device)
+			if err != nil {
+				return nil, nil, err
+			}
+			names[i] = name
+			size += 2*len(name) + len(it.Data) + 48
+		}
+		if err := s.space.check(s.minFree, uint64(size)); err != nil {
+			return nil, nil, err
+		}
+		when := d.Time
+		if when.IsZero() {
+			when = time.Now()
+		}
+		if appended, err = s.addEntries(ctx, r, batch, names, items, when); err != nil {
+			return nil, nil, err
+		}
+		r.items = len(items)
+	}
+	if err := ctx.Err(); err != nil {
+		return nil, nil, err
+	}
+
+	// From here on the batch is the committer's.
+	r.size = batch.Len()
+	if !s.queue.push(r) {
+		return nil, nil, s.closedErr()
+	}
+	queued = true
+	select {
+	case <-r.published:
+	case <-s.failed:
+		return nil, nil, s.failure()
+	}
+	if r.pubErr != nil {
+		return nil, nil, r.pubErr
+	}
+	s.depth.Add(-int64(len(removed)))
+	if !r.isAppend {
+		appended = []uint64{}
+	}
+	return removed, &pending{s: s, req: r, res: mailbox.Result{Seqs: appended}}, nil
 }
 
 // expireChunk is how many keys Expire deletes per batch.
