@@ -189,6 +189,10 @@ type PendingSend struct {
 	// appends.
 	pending []mailbox.Pending
 	parts   [][]mailbox.Item
+	// seqs[i] holds the seqs parts[i] took, once it is durable (nil for a
+	// duplicate); began is a time taken before the first append began.
+	seqs  [][]uint64
+	began time.Time
 	// notified counts the leading parts whose devices have been told: a
 	// part of a fresh send is told as soon as it is durable, without
 	// waiting for the later ones.
@@ -293,6 +297,7 @@ func (s *Service) StartSend(ctx context.Context, req SendRequest) (*PendingSend,
 	if err != nil {
 		return nil, err
 	}
+	began := time.Now()
 	p, err := s.startAppend(ctx, mailbox.Batch{
 		Key:     "send/" + req.From.String() + "/" + req.ClientMsgID,
 		Receipt: encodeAccepted(serverID, now),
@@ -305,7 +310,7 @@ func (s *Service) StartSend(ctx context.Context, req SendRequest) (*PendingSend,
 		}
 		return nil, s.storageError(err)
 	}
-	return &PendingSend{s: s, pending: []mailbox.Pending{p}, parts: [][]mailbox.Item{items},
+	return &PendingSend{s: s, pending: []mailbox.Pending{p}, parts: [][]mailbox.Item{items}, began: began,
 		acc: Accepted{ServerID: serverID, Time: time.UnixMilli(now.UnixMilli())}}, nil
 }
 
@@ -337,6 +342,7 @@ func (p *PendingSend) wait(ctx context.Context) (Accepted, error) {
 		if i == 0 {
 			res = r
 		}
+		p.setSeqs(i, r.Seqs)
 		if !res.Duplicate {
 			// This part is durable: its devices may fetch it while the
 			// later parts are still being made durable.
@@ -360,14 +366,25 @@ func (p *PendingSend) wait(ctx context.Context) (Accepted, error) {
 	return p.acc, nil
 }
 
-// notifyUpTo tells the devices of parts[:n] that have not been told yet.
+// setSeqs records the seqs part i took, now that it is durable.
+func (p *PendingSend) setSeqs(i int, seqs []uint64) {
+	for len(p.seqs) <= i {
+		p.seqs = append(p.seqs, nil)
+	}
+	p.seqs[i] = seqs
+}
+
+// notifyUpTo tells the devices of parts[:n] that have not been told yet,
+// handing them their entries (notifyStored) where the seqs are known.
 // Only a durable part may be told: a device must never fetch a copy that a
 // crash could take back.
 func (p *PendingSend) notifyUpTo(n int) {
 	for ; p.notified < n; p.notified++ {
-		for _, it := range p.parts[p.notified] {
-			p.s.cfg.Notifier.Notify(it.Device)
+		var seqs []uint64
+		if p.notified < len(p.seqs) {
+			seqs = p.seqs[p.notified]
 		}
+		p.s.notifyStored(p.parts[p.notified], seqs, p.began)
 	}
 }
 

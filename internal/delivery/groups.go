@@ -107,11 +107,12 @@ func (s *Service) startGroupSend(ctx context.Context, req SendRequest) (*Pending
 		}
 		return nil, s.storageError(err)
 	}
+	began := time.Now()
 	first, err := s.startAppend(ctx, batch(0, chunks[0]))
 	if err != nil {
 		return fail(err)
 	}
-	p := &PendingSend{s: s, pending: []mailbox.Pending{first}, parts: chunks[:1:1],
+	p := &PendingSend{s: s, pending: []mailbox.Pending{first}, parts: chunks[:1:1], began: began,
 		acc: Accepted{ServerID: env.ServerId, Time: time.UnixMilli(env.ServerTimeMs)}}
 	if len(chunks) == 1 {
 		return p, nil
@@ -121,6 +122,7 @@ func (s *Service) startGroupSend(ctx context.Context, req SendRequest) (*Pending
 		return fail(err)
 	}
 	p.pending[0] = done(res)
+	p.setSeqs(0, res.Seqs)
 	if res.Duplicate {
 		id, t, err := decodeAccepted(res.Receipt)
 		if err != nil {
@@ -238,8 +240,10 @@ func (s *Service) GroupChanged(ctx context.Context, by ident.Device, ch accounts
 		return err
 	}
 	keyBase := "group-update/" + g.ID + "/" + strconv.FormatUint(g.Version, 10) + "/"
-	var pending []mailbox.Pending
-	for n, c := range chunk(items, GroupChunk) {
+	chunks := chunk(items, GroupChunk)
+	pending := make([]mailbox.Pending, 0, len(chunks))
+	began := time.Now()
+	for n, c := range chunks {
 		p, err := s.startAppend(ctx, mailbox.Batch{Key: keyBase + strconv.Itoa(n), Items: c, Time: now})
 		if err != nil {
 			if ctx.Err() != nil {
@@ -249,16 +253,19 @@ func (s *Service) GroupChanged(ctx context.Context, by ident.Device, ch accounts
 		}
 		pending = append(pending, p)
 	}
-	for _, p := range pending {
-		if _, err := p.Wait(ctx); err != nil {
+	seqs := make([][]uint64, len(pending))
+	for i, p := range pending {
+		res, err := p.Wait(ctx)
+		if err != nil {
 			if ctx.Err() != nil {
 				return ctx.Err()
 			}
 			return s.storageError(err)
 		}
+		seqs[i] = res.Seqs
 	}
-	for _, it := range items {
-		s.cfg.Notifier.Notify(it.Device)
+	for i, c := range chunks {
+		s.notifyStored(c, seqs[i], began)
 	}
 	return nil
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"time"
 
 	"google.golang.org/protobuf/proto"
 
@@ -26,7 +27,11 @@ type Delivered struct {
 // message from another user it emits a DELIVERED receipt to all of the
 // sender's devices, durably, and then deletes the entries.
 //
-// Receipts for entries whose envelope is known are appended before the
+// On a mailbox.DeleteAppender (the Pebble store) the deletion and the
+// receipts are one atomic write, and receipts are emitted only for the
+// entries it removed: a crash leaves both or neither, and acking an entry
+// twice emits its receipt once. On other stores it takes two operations:
+// receipts for entries whose envelope is known are appended before the
 // delete, so a crash in between means a redelivery and a duplicate receipt
 // (both harmless), never a lost receipt. For entries acked without a known
 // envelope, receipts are emitted from what the delete returns.
@@ -45,6 +50,11 @@ type PendingAck struct {
 	acked    []Delivered
 	receipts mailbox.Pending // nil: no receipt for the known envelopes
 	notify   []mailbox.Item
+	began    time.Time // taken before the receipts' append began
+	// together: the store deleted the entries in the same write as it
+	// appended the receipts (mailbox.DeleteAppender), removing removed.
+	together bool
+	removed  int
 }
 
 // StartAck does the part of Ack that orders it: the DELIVERED receipts for
@@ -53,7 +63,13 @@ type PendingAck struct {
 // acks keep their order without each waiting for its fsync in turn. Wait
 // finishes the work: it waits for the receipts to be durable, then deletes
 // the entries. Errors are Ack's.
+//
+// When the mailbox is a mailbox.DeleteAppender, StartAck does it all as one
+// mailbox write instead (see startAckTogether), and Wait only waits for it.
 func (s *Service) StartAck(ctx context.Context, dev ident.Device, acked []Delivered) (*PendingAck, error) {
+	if da, ok := s.cfg.Mailbox.(mailbox.DeleteAppender); ok && mayEmitReceipts(dev, acked) {
+		return s.startAckTogether(ctx, da, dev, acked)
+	}
 	var known []*pb.Envelope
 	for _, a := range acked {
 		if a.Envelope != nil {
@@ -66,6 +82,7 @@ func (s *Service) StartAck(ctx context.Context, dev ident.Device, acked []Delive
 	}
 	p := &PendingAck{s: s, dev: dev, acked: acked, notify: items}
 	if len(items) > 0 {
+		p.began = time.Now()
 		if p.receipts, err = s.startAppend(ctx, mailbox.Batch{Items: items, Time: s.cfg.Now()}); err != nil {
 			if ctx.Err() != nil {
 				return nil, ctx.Err()
@@ -76,18 +93,95 @@ func (s *Service) StartAck(ctx context.Context, dev ident.Device, acked []Delive
 	return p, nil
 }
 
-// Wait waits for the receipts to be durable and deletes the acked entries.
+// mayEmitReceipts reports whether dev's ack of acked may emit a receipt:
+// whether it names a message from another user, or an entry whose envelope
+// is not known. An ack that cannot (of receipts, or of the user's own sync
+// copies) is a plain delete, done by Wait off the caller's goroutine.
+func mayEmitReceipts(dev ident.Device, acked []Delivered) bool {
+	for _, a := range acked {
+		if a.Envelope == nil || a.Envelope.Kind == pb.EnvelopeKind_ENVELOPE_KIND_MESSAGE && a.Envelope.Sender != dev.User {
+			return true
+		}
+	}
+	return false
+}
+
+// startAckTogether is StartAck on a mailbox.DeleteAppender: the acked
+// entries are deleted, and the DELIVERED receipts for the messages among
+// those actually removed are appended, in one atomic write. A crash leaves
+// both or neither (a redelivery, whose ack emits the receipt then), and two
+// acks of one entry (from an old and a new connection of the device, say)
+// emit its receipt once. The receipts of all the messages of one sender
+// that an ack removes are one receipt envelope, encoded once for all the
+// sender's devices (deliveredItems).
+func (s *Service) startAckTogether(ctx context.Context, da mailbox.DeleteAppender, dev ident.Device, acked []Delivered) (*PendingAck, error) {
+	p := &PendingAck{s: s, dev: dev, acked: acked, together: true}
+	seqs := make([]uint64, len(acked))
+	for i, a := range acked {
+		seqs[i] = a.Seq
+	}
+	// Called by the store with what it removed, under the device's delete
+	// lock: it builds the receipts from the envelopes known, decoding only
+	// the entries acked without one.
+	then := func(removed []mailbox.Entry) ([]mailbox.Item, error) {
+		known := make(map[uint64]*pb.Envelope, len(acked))
+		for _, a := range acked {
+			if a.Envelope != nil {
+				known[a.Seq] = a.Envelope
+			}
+		}
+		envs := make([]*pb.Envelope, 0, len(removed))
+		for _, e := range removed {
+			env := known[e.Seq]
+			if env == nil {
+				env = new(pb.Envelope)
+				if err := proto.Unmarshal(e.Data, env); err != nil {
+					s.cfg.Logger.Error("undecodable mailbox entry", "device", dev, "seq", e.Seq, "err", err)
+					continue
+				}
+			}
+			envs = append(envs, env)
+		}
+		items, err := s.deliveredItems(ctx, dev, envs)
+		p.notify = items
+		return items, err
+	}
+	p.began = time.Now()
+	removed, pend, err := da.StartDeleteAppend(ctx, mailbox.DeleteAppend{Device: dev, Seqs: seqs, Then: then, Time: s.cfg.Now()})
+	if err != nil {
+		var ref *Refusal
+		switch {
+		case ctx.Err() != nil:
+			return nil, ctx.Err()
+		case errors.As(err, &ref):
+			return nil, err
+		}
+		return nil, s.storageError(err)
+	}
+	p.receipts, p.removed = pend, len(removed)
+	return p, nil
+}
+
+// Wait waits for the receipts to be durable and deletes the acked entries
+// (or, after startAckTogether, waits for the one write that did both).
 // Call it once.
 func (p *PendingAck) Wait(ctx context.Context) error {
 	s, dev := p.s, p.dev
 	if p.receipts != nil {
-		if _, err := p.receipts.Wait(ctx); err != nil {
+		res, err := p.receipts.Wait(ctx)
+		if err != nil {
 			if ctx.Err() != nil {
 				return ctx.Err()
 			}
 			return s.storageError(err)
 		}
-		s.receiptsStored(p.notify, pb.ReceiptType_RECEIPT_TYPE_DELIVERED)
+		if len(p.notify) > 0 {
+			s.receiptsStored(p.notify, res.Seqs, p.began, pb.ReceiptType_RECEIPT_TYPE_DELIVERED)
+		}
+	}
+	if p.together {
+		s.cfg.Metrics.Acked.Add(float64(p.removed))
+		return nil
 	}
 	seqs := make([]uint64, 0, len(p.acked))
 	unknown := false
@@ -223,22 +317,24 @@ func (s *Service) appendReceipts(ctx context.Context, items []mailbox.Item, typ 
 	if len(items) == 0 {
 		return nil
 	}
-	if _, err := s.cfg.Mailbox.Append(ctx, mailbox.Batch{Items: items, Time: s.cfg.Now()}); err != nil {
+	began := time.Now()
+	res, err := s.cfg.Mailbox.Append(ctx, mailbox.Batch{Items: items, Time: s.cfg.Now()})
+	if err != nil {
 		if ctx.Err() != nil {
 			return ctx.Err()
 		}
 		return s.storageError(err)
 	}
-	s.receiptsStored(items, typ)
+	s.receiptsStored(items, res.Seqs, began, typ)
 	return nil
 }
 
-// receiptsStored counts durable receipts and tells their devices.
-func (s *Service) receiptsStored(items []mailbox.Item, typ pb.ReceiptType) {
+// receiptsStored counts durable receipts and tells their devices, handing
+// them the entries (notifyStored) that the append begun at began stored
+// as seqs.
+func (s *Service) receiptsStored(items []mailbox.Item, seqs []uint64, began time.Time, typ pb.ReceiptType) {
 	s.cfg.Metrics.Receipts.WithLabelValues(receiptName(typ)).Inc()
-	for _, it := range items {
-		s.cfg.Notifier.Notify(it.Device)
-	}
+	s.notifyStored(items, seqs, began)
 }
 
 func receiptName(t pb.ReceiptType) string {

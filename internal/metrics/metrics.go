@@ -15,6 +15,8 @@ type Metrics struct {
 	Duplicates     prometheus.Counter
 	Refused        *prometheus.CounterVec // by code
 	Delivered      prometheus.Counter
+	Handed         prometheus.Counter
+	MailboxReads   prometheus.Counter
 	Acked          prometheus.Counter
 	Receipts       *prometheus.CounterVec // by type
 	DeliverLatency prometheus.Histogram
@@ -42,6 +44,12 @@ func New(reg prometheus.Registerer) *Metrics {
 		Delivered: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "courier_entries_delivered_total", Help: "Mailbox entries written to a device connection (redeliveries included).",
 		}),
+		Handed: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "courier_entries_handed_total", Help: "Mailbox entries written to a device connection as handed over by the append that made them durable, without a mailbox read (also counted in courier_entries_delivered_total).",
+		}),
+		MailboxReads: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "courier_gateway_mailbox_reads_total", Help: "Mailbox reads made by device connections to find entries to send.",
+		}),
 		Acked: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "courier_entries_acked_total", Help: "Mailbox entries acknowledged and deleted.",
 		}),
@@ -58,6 +66,6 @@ func New(reg prometheus.Registerer) *Metrics {
 		}, []string{"code"}),
 	}
 	reg.MustRegister(m.Connections, m.Connects, m.Accepted, m.Duplicates, m.Refused, m.Delivered,
-		m.Acked, m.Receipts, m.DeliverLatency, m.FrameErrors)
+		m.Handed, m.MailboxReads, m.Acked, m.Receipts, m.DeliverLatency, m.FrameErrors)
 	return m
 }

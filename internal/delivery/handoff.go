@@ -1,0 +1,53 @@
+package delivery
+
+import (
+	"time"
+
+	"github.com/courier-im/courier/internal/ident"
+	"github.com/courier-im/courier/internal/mailbox"
+)
+
+// EntryNotifier is a Notifier that can be handed the entries themselves:
+// the component holding a device's connection can then send an entry this
+// process has just made durable without reading it back from the mailbox.
+// The Service uses it, when its Notifier has it, wherever it knows the
+// seqs an append took; the mailbox stays the source of truth, and a
+// connection that cannot use a handed entry (it has not sent everything
+// before it yet) reads the mailbox as after Notify.
+type EntryNotifier interface {
+	Notifier
+	// NotifyEntry is Notify for one durable entry of dev's mailbox, handed
+	// over. It must not block.
+	NotifyEntry(dev ident.Device, e StoredEntry)
+}
+
+// StoredEntry is an entry an append has made durable, as handed to an
+// EntryNotifier.
+type StoredEntry struct {
+	// Seq is the entry's seq in the device's mailbox.
+	Seq uint64
+	// Data is the encoded envelope. It is shared (by every device a group
+	// message went to, and with the append): read it, never modify it.
+	Data []byte
+	// Began is a time (with its monotonic clock reading) taken before the
+	// append began: no reader can have seen the entry before it.
+	Began time.Time
+}
+
+// notifyStored tells the devices of items that the append that began at
+// began has made them durable, with seqs the seqs it took (Result.Seqs),
+// handing each its entry when the Notifier takes entries. Only a durable
+// append may be told. Without seqs (a duplicate) it tells the devices
+// only.
+func (s *Service) notifyStored(items []mailbox.Item, seqs []uint64, began time.Time) {
+	en, ok := s.cfg.Notifier.(EntryNotifier)
+	if !ok || len(seqs) != len(items) {
+		for _, it := range items {
+			s.cfg.Notifier.Notify(it.Device)
+		}
+		return
+	}
+	for i, it := range items {
+		en.NotifyEntry(it.Device, StoredEntry{Seq: seqs[i], Data: it.Data, Began: began})
+	}
+}
