@@ -42,6 +42,7 @@ const (
 	CodeRateLimited        = "rate_limited"
 	CodeStorageUnavailable = "storage_unavailable"
 	CodeShuttingDown       = "shutting_down"
+	CodeOverloaded         = "overloaded"
 	CodeInternal           = "internal"
 
 	// Codes for why the server closed a connection (WebSocket only).

@@ -5,10 +5,16 @@ import (
 	"flag"
 	"fmt"
 	"log/slog"
+	"math"
 	"net"
+	"net/http"
+	"net/http/pprof"
 	"os"
+	"strconv"
+	"strings"
 	"time"
 
+	"github.com/courier-im/courier/internal/accounts"
 	"github.com/courier-im/courier/internal/api"
 	"github.com/courier-im/courier/internal/auth"
 	"github.com/courier-im/courier/internal/gateway"
@@ -27,6 +33,7 @@ func runServe(ctx context.Context, args []string) error {
 	fs.StringVar(&cfg.DataDir, "data", "./"+server.DefaultDataDir, "data `directory` (embedded mailbox and account store)")
 	fs.IntVar(&cfg.MaxPayload, "max-payload", 64<<10, "largest payload for one device, in `bytes`")
 	fs.IntVar(&cfg.MaxPayloads, "max-payloads", 32, "most devices one send may address")
+	fs.IntVar(&cfg.MaxGroupMembers, "max-group-members", accounts.DefaultMaxGroupMembers, "most members a group may have")
 	fs.DurationVar(&cfg.Retention, "retention", server.DefaultRetention, "how long an entry never acknowledged is kept")
 	fs.DurationVar(&cfg.IdleTimeout, "idle-timeout", 90*time.Second, "close connections that send nothing for this long")
 	fs.DurationVar(&cfg.ShutdownTimeout, "shutdown-timeout", server.DefaultShutdownTimeout, "how long a graceful shutdown may take")
@@ -34,9 +41,14 @@ func runServe(ctx context.Context, args []string) error {
 	authBurst := fs.Int("auth-fail-burst", auth.DefaultBurst, "failed authentications allowed per source address and per device before 429 rate_limited (0: no limit)")
 	fs.DurationVar(&cfg.AuthFailures.Every, "auth-fail-every", auth.DefaultEvery, "once the burst is spent, one more failed authentication is allowed per this long")
 	maxConns := fs.Int("max-conns-per-addr", server.DefaultMaxConnsPerAddr, "WebSocket connections allowed from one source address (an IPv6 /64 counts as one; 0: no cap)")
+	maxConnsTotal := fs.Int("max-conns", 0, "most WebSocket connections this process holds; from --admit-watermark of it on, new ones are refused with 503 overloaded (0: what the open-file limit leaves after "+strconv.Itoa(rlimit.Reserved)+" kept for files and sockets; negative: no cap)")
+	fs.Float64Var(&cfg.AdmitWatermark, "admit-watermark", gateway.DefaultAdmitWatermark, "`fraction` (more than 0, at most 1) of --max-conns and --max-memory from which new connections are refused")
+	fs.Float64Var(&cfg.AdmitCPU, "admit-cpu", 0, "also refuse new connections while the process uses this `fraction` of its cores, averaged over a few seconds (0: off, the default; see docs/operations.md)")
+	var maxMemory byteSize
+	fs.Var(&maxMemory, "max-memory", "process memory (`size`: bytes, or with KiB, MiB, GiB, TiB) from --admit-watermark of which new connections are refused (0: the Go memory limit, GOMEMLIMIT, if set; else no memory watermark)")
 	fs.DurationVar(&cfg.ReadHeaderTimeout, "read-header-timeout", server.DefaultReadHeaderTimeout, "how long a client may take to send request headers")
 	fs.DurationVar(&cfg.BodyTimeout, "body-timeout", api.DefaultBodyTimeout, "how long a client may take to send a request body")
-	fs.StringVar(&cfg.Transport, "transport", gateway.TransportGoroutine, "how WebSocket connections are served: goroutine (two goroutines each) or epoll (event loops; least memory per connection)")
+	fs.StringVar(&cfg.Transport, "transport", server.DefaultTransport, "how WebSocket connections are served: "+gateway.TransportEpoll+" (event loops; least memory per connection) or "+gateway.TransportGoroutine+" (two goroutines each)")
 	fs.IntVar(&cfg.DeviceCacheSize, "device-cache-size", 100_000, "users whose device lists are kept in memory (negative: no cache)")
 	fs.DurationVar(&cfg.DeviceCacheTTL, "device-cache-ttl", 30*time.Second, "longest a cached device list is used; in a cluster, changes reach other nodes over NATS sooner")
 	level := fs.String("log-level", "info", "log level: debug, info, warn, error")
@@ -52,6 +64,7 @@ func runServe(ctx context.Context, args []string) error {
 	fs.DurationVar(&cl.SessionTTL, "session-ttl", 30*time.Second, "a gateway's device registrations expire this long after its last heartbeat")
 	fs.StringVar(&cl.RedisPrefix, "redis-prefix", "courier:dir:", "prefix of the session directory's Redis keys")
 	fs.StringVar(&cl.PostgresSchema, "postgres-schema", "", "PostgreSQL schema of the account tables, created if absent (default: the URL's search_path)")
+	pprofAddr := fs.String("pprof", "", "serve Go's profiles (net/http/pprof, /debug/pprof/) on this loopback `host:port`, apart from the main port (default: off)")
 	configFile := fs.String("config", "", "YAML `file` of settings; its keys are these flags' names")
 	if err := fs.Parse(args); err != nil {
 		return err
@@ -87,10 +100,31 @@ func runServe(ctx context.Context, args []string) error {
 		cfg.MaxConnsPerAddr = -1
 	}
 
-	if l, err := rlimit.Raise(); err != nil {
+	if !(cfg.AdmitWatermark > 0 && cfg.AdmitWatermark <= 1) {
+		return fmt.Errorf("--admit-watermark %v: want more than 0, at most 1", cfg.AdmitWatermark)
+	}
+	cfg.MaxMemory = int64(maxMemory)
+
+	l, err := rlimit.Raise()
+	if err != nil {
 		cfg.Logger.Warn("open-file limit", "err", err, "soft", l.Soft, "hard", l.Hard, "connections", l.Conns())
 	} else {
 		cfg.Logger.Info("open-file limit", "soft", l.Soft, "hard", l.Hard, "raised", l.Raised, "connections", l.Conns())
+	}
+	// The connection cap defaults to what the open-file limit allows: past
+	// it, accept fails with EMFILE for everyone, files and sockets alike.
+	switch {
+	case *maxConnsTotal > 0:
+		cfg.MaxConns = *maxConnsTotal
+	case *maxConnsTotal == 0:
+		cfg.MaxConns = int(min(l.Conns(), math.MaxInt32))
+	}
+	if *pprofAddr != "" {
+		_, stop, err := servePprof(*pprofAddr, cfg.Logger)
+		if err != nil {
+			return fmt.Errorf("--pprof: %w", err)
+		}
+		defer stop()
 	}
 	srv, err := server.New(cfg)
 	if err != nil {
@@ -118,9 +152,64 @@ func runServe(ctx context.Context, args []string) error {
 	})
 }
 
+// servePprof serves net/http/pprof's handlers on addr, which must be a
+// loopback address: profiles show the server's internals and cost CPU to
+// take, so they are never exposed beyond the host. It returns a function
+// that stops serving, and the address it listens on.
+func servePprof(addr string, log *slog.Logger) (string, func(), error) {
+	host, _, err := net.SplitHostPort(addr)
+	if err != nil {
+		return "", nil, err
+	}
+	if ip := net.ParseIP(host); host != "localhost" && (ip == nil || !ip.IsLoopback()) {
+		return "", nil, fmt.Errorf("%q is not a loopback address (want 127.0.0.1:PORT, [::1]:PORT or localhost:PORT)", addr)
+	}
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return "", nil, err
+	}
+	mux := http.NewServeMux()
+	mux.HandleFunc("/debug/pprof/", pprof.Index)
+	mux.HandleFunc("/debug/pprof/cmdline", pprof.Cmdline)
+	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
+	mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
+	mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
+	hs := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+	go hs.Serve(ln)
+	log.Info("profiles served", "pprof", "http://"+ln.Addr().String()+"/debug/pprof/")
+	return ln.Addr().String(), func() { hs.Close() }, nil
+}
+
 func backend(url, cluster, embedded string) string {
 	if url != "" {
 		return cluster
 	}
 	return embedded
+}
+
+// byteSize is a flag.Value for an amount of memory: a number of bytes,
+// optionally with a binary unit (KiB, MiB, GiB, TiB; K, M, G, T are read
+// the same).
+type byteSize int64
+
+func (b *byteSize) String() string { return strconv.FormatInt(int64(*b), 10) }
+
+func (b *byteSize) Set(s string) error {
+	num := strings.TrimSpace(s)
+	mult := int64(1)
+	for _, u := range []struct {
+		suffix string
+		mult   int64
+	}{{"KiB", 1 << 10}, {"MiB", 1 << 20}, {"GiB", 1 << 30}, {"TiB", 1 << 40}, {"K", 1 << 10}, {"M", 1 << 20}, {"G", 1 << 30}, {"T", 1 << 40}, {"B", 1}} {
+		if strings.HasSuffix(num, u.suffix) {
+			num, mult = strings.TrimSpace(strings.TrimSuffix(num, u.suffix)), u.mult
+			break
+		}
+	}
+	n, err := strconv.ParseFloat(num, 64)
+	if err != nil || n < 0 || math.IsInf(n, 0) || n*float64(mult) >= math.MaxInt64 {
+		return fmt.Errorf("%q is not a size (want bytes, or a number with KiB, MiB, GiB or TiB)", s)
+	}
+	*b = byteSize(n * float64(mult))
+	return nil
 }

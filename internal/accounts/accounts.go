@@ -53,6 +53,36 @@ type Store interface {
 	Close() error
 }
 
+// LastSeenBatcher is implemented by stores that record the last-seen
+// times of many users with one write (one transaction): a server going
+// down, or a burst of disconnects, takes thousands of users offline at
+// once. See SetLastSeenBatch.
+type LastSeenBatcher interface {
+	// SetLastSeenBatch records seen (user -> time, as SetLastSeen does)
+	// at once; users that do not exist are skipped.
+	SetLastSeenBatch(ctx context.Context, seen map[string]time.Time) error
+}
+
+// SetLastSeenBatch records seen in s: with one write if s is a
+// LastSeenBatcher, otherwise with one SetLastSeen per user. Users that do
+// not exist are skipped; the first other error is returned after every
+// user has been tried.
+func SetLastSeenBatch(ctx context.Context, s Store, seen map[string]time.Time) error {
+	if len(seen) == 0 {
+		return nil
+	}
+	if b, ok := s.(LastSeenBatcher); ok {
+		return b.SetLastSeenBatch(ctx, seen)
+	}
+	var first error
+	for user, t := range seen {
+		if err := s.SetLastSeen(ctx, user, t); err != nil && !errors.Is(err, ErrNotFound) && first == nil {
+			first = err
+		}
+	}
+	return first
+}
+
 var (
 	ErrNotFound = errors.New("accounts: not found")
 	ErrExists   = errors.New("accounts: already exists")

@@ -55,14 +55,19 @@ type conn struct {
 
 	wake chan struct{}        // the mailbox has new entries, or acks opened the window
 	out  chan *pb.ServerFrame // replies and events for the writer
+	hand handoff              // entries handed with their notifications (handoff.go)
 
 	closeOnce sync.Once
 	closed    chan struct{}
 	closeErr  *pb.Error // nil: the peer went away
 	closeCode websocket.StatusCode
 
-	mu       sync.Mutex
-	inflight map[uint64]*pb.Envelope // delivered, not yet acked (payloads dropped)
+	mu sync.Mutex
+	// inflight holds the entries delivered and not yet acked (payloads
+	// dropped). It is made by the first delivery and dropped when the
+	// last is acked, so that an idle connection holds no map (a map never
+	// shrinks: one that held a window would keep its size).
+	inflight map[uint64]*pb.Envelope
 
 	watching []string // guarded by g.mu
 
@@ -96,14 +101,13 @@ func newConn(g *Gateway, dev ident.Device, ws *websocket.Conn) *conn {
 		ctx, cancel = context.WithCancel(context.Background())
 	}
 	c := &conn{
-		g:        g,
-		dev:      dev,
-		ws:       ws,
-		id:       connSeq.Add(1),
-		ctx:      ctx,
-		cancel:   cancel,
-		closed:   make(chan struct{}),
-		inflight: map[uint64]*pb.Envelope{},
+		g:      g,
+		dev:    dev,
+		ws:     ws,
+		id:     connSeq.Add(1),
+		ctx:    ctx,
+		cancel: cancel,
+		closed: make(chan struct{}),
 	}
 	if g.ep == nil {
 		// The goroutine transport's writer; the epoll transport has none.
@@ -115,6 +119,15 @@ func newConn(g *Gateway, dev ident.Device, ws *websocket.Conn) *conn {
 }
 
 func noCancel() {}
+
+// setInflight records env, delivered as seq, as waiting for its ack.
+// c.mu must be held.
+func (c *conn) setInflight(seq uint64, env *pb.Envelope) {
+	if c.inflight == nil {
+		c.inflight = make(map[uint64]*pb.Envelope, readBatch)
+	}
+	c.inflight[seq] = env
+}
 
 // logger returns the connection's logger. It is made when needed rather
 // than kept: an idle connection would otherwise hold its attributes.
@@ -446,6 +459,9 @@ func (c *conn) handleAck(id uint64, a *pb.Ack) {
 			delete(c.inflight, seq)
 		}
 	}
+	if len(c.inflight) == 0 {
+		c.inflight = nil
+	}
 	c.mu.Unlock()
 	// Ordered here (the receipts of successive acks keep their order),
 	// finished by the pipeline, like a send, so that replies to sends and
@@ -584,7 +600,7 @@ func (c *conn) writer() {
 	}}}) {
 		return
 	}
-	dirty, synced := true, false
+	synced := false
 	var pending uint64
 	var frame []byte
 	for {
@@ -598,78 +614,122 @@ func (c *conn) writer() {
 			return
 		default:
 		}
-		if dirty {
-			c.mu.Lock()
-			room := cfg.Window - len(c.inflight)
-			c.mu.Unlock()
-			if room > 0 {
-				want := min(room, readBatch)
-				entries, err := cfg.Mailbox.Read(c.ctx, c.dev, c.lastSent.Load(), want)
-				if err != nil {
-					if c.ctx.Err() == nil {
-						c.logger().Error("mailbox read", "err", err)
-						c.closeWith(pb.ErrorCode_ERROR_CODE_INTERNAL, "mailbox unavailable; reconnect later", websocket.StatusInternalError, delivery.StorageRetryAfter)
-					}
+		c.mu.Lock()
+		room := cfg.Window - len(c.inflight)
+		c.mu.Unlock()
+		// Entries handed over by the appends that made them durable go
+		// out without a mailbox read, if they are the next ones
+		// (handoff.go); the mailbox is read for anything else.
+		handed, read := c.hand.next(c.lastSent.Load(), room)
+		if len(handed) > 0 {
+			c.corkStart()
+			for _, e := range handed {
+				env := c.track(e.Seq, e.Data)
+				if env == nil {
+					continue
+				}
+				frame = appendDeliver(frame[:0], e.Seq, e.Data)
+				if !c.writeRaw(frame) {
+					c.hand.done()
 					return
 				}
-				// The entries of one read (and Synced) go out with one
-				// write.
-				c.corkStart()
-				for _, e := range entries {
-					env := new(pb.Envelope)
-					if err := proto.Unmarshal(e.Data, env); err != nil {
-						// Cannot happen unless the store is corrupt; skip the
-						// entry rather than wedge the mailbox, and say so.
-						c.logger().Error("undecodable mailbox entry skipped", "seq", e.Seq, "err", err)
-						c.lastSent.Store(e.Seq)
-						continue
-					}
-					// Record the entry as in flight before writing it: the
-					// device may ack it before writeRaw returns.
-					env.Payload = nil
-					c.mu.Lock()
-					c.inflight[e.Seq] = env
-					c.mu.Unlock()
-					c.lastSent.Store(e.Seq)
-					frame = appendDeliver(frame[:0], e.Seq, e.Data)
-					if !c.writeRaw(frame) {
-						return
-					}
-					cfg.Metrics.Delivered.Inc()
-					if env.Kind == pb.EnvelopeKind_ENVELOPE_KIND_MESSAGE {
-						cfg.Metrics.DeliverLatency.Observe(time.Since(time.UnixMilli(env.ServerTimeMs)).Seconds())
-					}
-				}
-				pending += uint64(len(entries))
-				if len(entries) < want {
-					dirty = false
-					if !synced {
-						synced = true
-						if !c.write(&pb.ServerFrame{Body: &pb.ServerFrame_Synced{Synced: &pb.Synced{Pending: pending}}}) {
-							return
-						}
-					}
-				}
-				if !c.corkFlush() {
-					return
-				}
-				if cap(frame) > 64<<10 {
-					frame = nil
-				}
-				continue
+				c.delivered(env, true)
 			}
-			// The window is full: wait for acks (they poke wake).
+			room -= len(handed)
+			c.hand.done()
+			if !c.corkFlush() {
+				return
+			}
 		}
+		if read && room > 0 {
+			want := min(room, readBatch)
+			c.hand.reading()
+			cfg.Metrics.MailboxReads.Inc()
+			entries, err := cfg.Mailbox.Read(c.ctx, c.dev, c.lastSent.Load(), want)
+			if err != nil {
+				if c.ctx.Err() == nil {
+					c.logger().Error("mailbox read", "err", err)
+					c.closeWith(pb.ErrorCode_ERROR_CODE_INTERNAL, "mailbox unavailable; reconnect later", websocket.StatusInternalError, delivery.StorageRetryAfter)
+				}
+				return
+			}
+			// The entries of one read (and Synced) go out with one
+			// write.
+			c.corkStart()
+			for _, e := range entries {
+				env := c.track(e.Seq, e.Data)
+				if env == nil {
+					continue
+				}
+				frame = appendDeliver(frame[:0], e.Seq, e.Data)
+				if !c.writeRaw(frame) {
+					return
+				}
+				c.delivered(env, false)
+			}
+			pending += uint64(len(entries))
+			c.hand.readDone(len(entries) < want, c.lastSent.Load())
+			if len(entries) < want && !synced {
+				synced = true
+				if !c.write(&pb.ServerFrame{Body: &pb.ServerFrame_Synced{Synced: &pb.Synced{Pending: pending}}}) {
+					return
+				}
+			}
+			if !c.corkFlush() {
+				return
+			}
+			if cap(frame) > 64<<10 {
+				frame = nil
+			}
+			continue
+		}
+		if cap(frame) > 64<<10 {
+			frame = nil
+		}
+		// Nothing to send, or the window is full: wait for a
+		// notification, or for acks (they poke wake).
 		select {
 		case f := <-c.out:
 			if !c.writeQueued(f) {
 				return
 			}
 		case <-c.wake:
-			dirty = true
 		case <-c.closed:
 			return
 		}
+	}
+}
+
+// track records the entry seq, whose encoded envelope is data, as sent
+// and in flight, before it is written (the device may ack it at once),
+// and returns its envelope (payload dropped). An entry that cannot be
+// decoded (the store would have to be corrupt) is skipped rather than
+// wedge the mailbox, and said so: track returns nil.
+func (c *conn) track(seq uint64, data []byte) *pb.Envelope {
+	env := new(pb.Envelope)
+	if err := proto.Unmarshal(data, env); err != nil {
+		c.logger().Error("undecodable mailbox entry skipped", "seq", seq, "err", err)
+		c.lastSent.Store(seq)
+		return nil
+	}
+	env.Payload = nil
+	c.mu.Lock()
+	c.setInflight(seq, env)
+	c.mu.Unlock()
+	c.lastSent.Store(seq)
+	return env
+}
+
+// delivered counts an entry written to the device, handed over by its
+// append (handed) or read from the mailbox.
+func (c *conn) delivered(env *pb.Envelope, handed bool) {
+	m := c.g.cfg.Metrics
+	m.Delivered.Inc()
+	if handed {
+		m.Handed.Inc()
+	}
+	if env.Kind == pb.EnvelopeKind_ENVELOPE_KIND_MESSAGE {
+		m.DeliverLatency.Observe(time.Since(time.UnixMilli(env.ServerTimeMs)).Seconds())
 	}
 }
 

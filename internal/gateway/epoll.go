@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net/http"
 	"runtime"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -15,7 +16,6 @@ import (
 	"github.com/lesismal/nbio/logging"
 	"github.com/lesismal/nbio/nbhttp"
 	nbws "github.com/lesismal/nbio/nbhttp/websocket"
-	"google.golang.org/protobuf/proto"
 
 	"github.com/courier-im/courier/internal/delivery"
 	"github.com/courier-im/courier/internal/ident"
@@ -208,6 +208,9 @@ func (e *epoll) accept(w http.ResponseWriter, r *http.Request, dev ident.Device,
 		wsc.Conn.Close()
 		return false
 	}
+	// The user name is a piece of the decoded Authorization header; a
+	// copy of it alone is kept for the connection's lifetime.
+	dev.User = strings.Clone(dev.User)
 	c := newConn(g, dev, nil)
 	c.nb = wsc
 	c.ev = &epollState{addr: addr}
@@ -412,8 +415,9 @@ func (c *conn) pump() {
 	}
 }
 
-// sendPending sends what the window allows of the mailbox past lastSent,
-// and Synced once the pending entries are out. It returns false if the
+// sendPending sends what the window allows of the entries handed over
+// by their appends (handoff.go) and of the mailbox past lastSent, and
+// Synced once the pending entries are out. It returns false if the
 // connection is closing.
 func (c *conn) sendPending(ctx context.Context) bool {
 	cfg := &c.g.cfg
@@ -421,10 +425,28 @@ func (c *conn) sendPending(ctx context.Context) bool {
 		c.mu.Lock()
 		room := cfg.Window - len(c.inflight)
 		c.mu.Unlock()
-		if room <= 0 {
-			return true // acks poke the pump
+		handed, read := c.hand.next(c.lastSent.Load(), room)
+		for _, e := range handed {
+			env := c.track(e.Seq, e.Data)
+			if env == nil {
+				continue
+			}
+			// Batched with the entries and replies around it.
+			if !c.evAppendDeliver(e.Seq, e.Data) {
+				c.hand.done()
+				return false
+			}
+			c.delivered(env, true)
+		}
+		room -= len(handed)
+		c.hand.done()
+		if !read || room <= 0 {
+			// Caught up, or the window is full (acks poke the pump).
+			return c.evFlush()
 		}
 		want := min(room, readBatch)
+		c.hand.reading()
+		cfg.Metrics.MailboxReads.Inc()
 		entries, err := cfg.Mailbox.Read(ctx, c.dev, c.lastSent.Load(), want)
 		if err != nil {
 			select {
@@ -436,29 +458,20 @@ func (c *conn) sendPending(ctx context.Context) bool {
 			return false
 		}
 		for _, e := range entries {
-			env := new(pb.Envelope)
-			if err := proto.Unmarshal(e.Data, env); err != nil {
-				c.logger().Error("undecodable mailbox entry skipped", "seq", e.Seq, "err", err)
-				c.lastSent.Store(e.Seq)
-				continue
-			}
 			// In flight before it is written: the device may ack it at
 			// once.
-			env.Payload = nil
-			c.mu.Lock()
-			c.inflight[e.Seq] = env
-			c.mu.Unlock()
-			c.lastSent.Store(e.Seq)
+			env := c.track(e.Seq, e.Data)
+			if env == nil {
+				continue
+			}
 			// Batched: the entries of one read go out with one write.
 			if !c.evAppendDeliver(e.Seq, e.Data) {
 				return false
 			}
-			cfg.Metrics.Delivered.Inc()
-			if env.Kind == pb.EnvelopeKind_ENVELOPE_KIND_MESSAGE {
-				cfg.Metrics.DeliverLatency.Observe(time.Since(time.UnixMilli(env.ServerTimeMs)).Seconds())
-			}
+			c.delivered(env, false)
 		}
 		c.ev.pending += uint64(len(entries))
+		c.hand.readDone(len(entries) < want, c.lastSent.Load())
 		if len(entries) < want {
 			if !c.ev.synced {
 				c.ev.synced = true

@@ -111,7 +111,7 @@ func (fx *frameFixture) run(tb testing.TB, typ websocket.MessageType, data []byt
 			tb.Fatal(err)
 		}
 		env.Payload = nil
-		c.inflight[e.Seq] = env
+		c.setInflight(e.Seq, env)
 	}
 	c.frame(typ, data)
 	fx.g.unregister(c)

@@ -20,6 +20,7 @@ import (
 	"log/slog"
 	"math/rand/v2"
 	"net/http"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -70,6 +71,24 @@ type Config struct {
 	// source address (auth.SourceAddr: the IP, or an IPv6 /64); more are
 	// refused with 429 rate_limited. Zero or negative means no cap.
 	MaxConnsPerAddr int
+	// MaxConns is the most connections this gateway holds: from
+	// AdmitWatermark of it on, new ones are refused with 503 overloaded
+	// (admission.go). Zero or negative means no cap.
+	MaxConns int
+	// MaxMemory is the process memory, in bytes, that admission measures
+	// against: from AdmitWatermark of it on, connections are refused. Zero
+	// means the Go memory limit (GOMEMLIMIT, debug.SetMemoryLimit) if one
+	// is set; negative, or zero with no Go limit, turns the signal off.
+	MaxMemory int64
+	// AdmitWatermark is the fraction of MaxConns and MaxMemory from which
+	// connections are refused, in (0, 1]; zero means
+	// DefaultAdmitWatermark.
+	AdmitWatermark float64
+	// AdmitCPU, if positive (at most 1), refuses connections while the
+	// process's CPU use, smoothed over a few seconds, is at least this
+	// fraction of GOMAXPROCS cores. Zero: CPU is measured but never
+	// refuses.
+	AdmitCPU float64
 	// Cluster, if set, links this gateway to the other nodes (see
 	// cluster.go); nil means a single node.
 	Cluster Cluster
@@ -104,6 +123,10 @@ type Gateway struct {
 
 	ep       *epoll // the epoll transport, if chosen
 	stopOnce sync.Once
+
+	seen *seenWriter // last-seen times of users gone offline, written in batches
+
+	load *admission // admission control (admission.go)
 }
 
 // New returns a Gateway. It panics if the gateway cannot start, which only
@@ -136,7 +159,12 @@ func Open(cfg Config) (*Gateway, error) {
 	if cfg.ShutdownRetryAfter <= 0 {
 		cfg.ShutdownRetryAfter = time.Second
 	}
+	load, err := newAdmission(cfg)
+	if err != nil {
+		return nil, err
+	}
 	g := &Gateway{
+		load:     load,
 		cfg:      cfg,
 		log:      cfg.Logger,
 		conns:    map[ident.Device]*conn{},
@@ -146,6 +174,7 @@ func Open(cfg Config) (*Gateway, error) {
 		addrs:    map[string]int{},
 		stop:     make(chan struct{}),
 	}
+	g.seen = newSeenWriter(cfg.Accounts, g.log.Warn)
 	switch cfg.Transport {
 	case "", TransportGoroutine:
 	case TransportEpoll:
@@ -158,6 +187,9 @@ func Open(cfg Config) (*Gateway, error) {
 		return nil, fmt.Errorf("gateway: unknown transport %q (want %q or %q)", cfg.Transport, TransportGoroutine, TransportEpoll)
 	}
 	go g.idleSweeper()
+	go g.admissionSampler()
+	g.log.Info("admission control", "max_conns", load.maxConns, "max_memory", load.memLimit,
+		"watermark", load.watermark, "cpu_watermark", load.cpuMark)
 	return g, nil
 }
 
@@ -168,6 +200,7 @@ func (g *Gateway) Notify(dev ident.Device) {
 	c := g.conns[dev]
 	g.mu.Unlock()
 	if c != nil {
+		c.hand.markStale()
 		c.poke()
 	}
 }
@@ -202,6 +235,19 @@ func (g *Gateway) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			g.release(addr)
 		}
 	}()
+	// Then the load: over a watermark, the attempt is refused before any
+	// work is spent on it (admission.go).
+	if retry, refuse := g.load.enter(); refuse {
+		g.refuseOverloaded(w, retry)
+		return
+	}
+	// A server going down refuses before authenticating: during a
+	// shutdown under load, devices told to come back try again while it
+	// drains, and each answer should cost it as little as possible.
+	if g.Draining() {
+		g.refuseDraining(w)
+		return
+	}
 	dev, err := g.cfg.Auth.Authenticate(r.Context(), r)
 	if err != nil {
 		switch {
@@ -220,9 +266,7 @@ func (g *Gateway) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	closing := g.closing
 	g.mu.Unlock()
 	if closing {
-		g.cfg.Metrics.Connects.WithLabelValues("shutting_down").Inc()
-		w.Header().Set("Retry-After", "1")
-		apierr.Write(w, http.StatusServiceUnavailable, apierr.Detail{Code: "shutting_down", Message: "this server is shutting down; reconnect elsewhere"})
+		g.refuseDraining(w)
 		return
 	}
 	// In a cluster the device is registered in the session directory
@@ -276,6 +320,18 @@ func (g *Gateway) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	g.unregister(c)
 }
 
+// refuseDraining answers a connection attempt made while the server shuts
+// down: 503 with a jittered retry-after (the same spread as the one given
+// to the connections it closes), in whole seconds in the header and in
+// milliseconds in the body.
+func (g *Gateway) refuseDraining(w http.ResponseWriter) {
+	g.cfg.Metrics.Connects.WithLabelValues("shutting_down").Inc()
+	retry := g.drainRetryAfter()
+	w.Header().Set("Retry-After", strconv.FormatInt(int64((retry+time.Second-1)/time.Second), 10))
+	apierr.Write(w, http.StatusServiceUnavailable, apierr.Detail{Code: "shutting_down",
+		Message: "this server is shutting down; reconnect elsewhere", RetryAfterMs: retry.Milliseconds()})
+}
+
 // admit counts a connection from addr, unless addr has MaxConnsPerAddr.
 func (g *Gateway) admit(addr string) bool {
 	if g.cfg.MaxConnsPerAddr <= 0 {
@@ -290,8 +346,10 @@ func (g *Gateway) admit(addr string) bool {
 	return true
 }
 
-// release forgets a connection admitted from addr.
+// release forgets a connection admitted from addr, and the admission
+// count it holds.
 func (g *Gateway) release(addr string) {
+	g.load.leave()
 	if g.cfg.MaxConnsPerAddr <= 0 {
 		return
 	}
@@ -381,12 +439,10 @@ func (g *Gateway) unregister(c *conn) {
 		wentOffline = g.clusterUnregister(c.dev, session)
 	}
 	if wentOffline {
+		// Queued and written in a batch with others (lastseen.go):
+		// presence serves it from the queue until then.
 		now := time.Now()
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		if err := g.cfg.Accounts.SetLastSeen(ctx, c.dev.User, now); err != nil {
-			g.log.Warn("record last seen", "user", c.dev.User, "err", err)
-		}
-		cancel()
+		g.seen.add(c.dev.User, now)
 		if g.cfg.Cluster == nil {
 			g.publishPresence(&pb.Presence{User: c.dev.User, Online: false, LastSeenMs: now.UnixMilli()})
 		}
@@ -420,9 +476,13 @@ func (g *Gateway) presenceOf(ctx context.Context, user string) (*pb.Presence, er
 	if err != nil {
 		return nil, err
 	}
+	seen := u.LastSeen
+	if t, ok := g.seen.lastSeen(user); ok && t.After(seen) {
+		seen = t
+	}
 	p := &pb.Presence{User: user}
-	if !u.LastSeen.IsZero() {
-		p.LastSeenMs = u.LastSeen.UnixMilli()
+	if !seen.IsZero() {
+		p.LastSeenMs = seen.UnixMilli()
 	}
 	return p, nil
 }
@@ -444,6 +504,9 @@ func (g *Gateway) clusterPresence(ctx context.Context, user string) (*pb.Presenc
 	}
 	if u.LastSeen.After(seen) {
 		seen = u.LastSeen
+	}
+	if t, ok := g.seen.lastSeen(user); ok && t.After(seen) {
+		seen = t
 	}
 	p := &pb.Presence{User: user}
 	if !seen.IsZero() {
@@ -509,6 +572,7 @@ func (g *Gateway) idleSweeper() {
 // back at once), and waits for the connections to close or ctx to end.
 // Nothing is lost either way: unacked entries stay in the mailboxes.
 func (g *Gateway) Shutdown(ctx context.Context) error {
+	start := time.Now()
 	g.mu.Lock()
 	if !g.closing {
 		g.closing = true
@@ -519,26 +583,46 @@ func (g *Gateway) Shutdown(ctx context.Context) error {
 		conns = append(conns, c)
 	}
 	g.mu.Unlock()
-	base := g.cfg.ShutdownRetryAfter
 	for _, c := range conns {
-		retry := base + time.Duration(rand.Int64N(int64(base)))
-		c.closeWith(pb.ErrorCode_ERROR_CODE_SHUTTING_DOWN, "server shutting down; reconnect", websocket.StatusGoingAway, retry)
+		c.closeWith(pb.ErrorCode_ERROR_CODE_SHUTTING_DOWN, "server shutting down; reconnect", websocket.StatusGoingAway, g.drainRetryAfter())
 	}
 	done := make(chan struct{})
 	go func() { g.wg.Wait(); close(done) }()
+	var err error
 	select {
 	case <-done:
-		g.stopTransport()
-		return nil
 	case <-ctx.Done():
+		err = ctx.Err()
 		g.mu.Lock()
 		for _, c := range g.conns {
 			c.closeNow()
 		}
 		g.mu.Unlock()
-		g.stopTransport()
-		return ctx.Err()
 	}
+	// The last-seen times of everyone who went offline are written before
+	// the account store closes: in one batch, not one commit each.
+	sctx := ctx
+	if err != nil {
+		var cancel context.CancelFunc
+		sctx, cancel = context.WithTimeout(context.Background(), seenTimeout)
+		defer cancel()
+	}
+	closed := time.Now()
+	if serr := g.seen.close(sctx); serr != nil && err == nil {
+		err = fmt.Errorf("gateway: recording last-seen times: %w", serr)
+	}
+	g.stopTransport()
+	g.log.Info("connections closed", "connections", len(conns), "closing", closed.Sub(start).Round(time.Millisecond),
+		"last_seen", time.Since(closed).Round(time.Millisecond), "err", err)
+	return err
+}
+
+// drainRetryAfter returns a retry delay for a device told to come back
+// later because this server is going down: random in [base, 2*base), so
+// that the devices spread their returns.
+func (g *Gateway) drainRetryAfter() time.Duration {
+	base := g.cfg.ShutdownRetryAfter
+	return base + time.Duration(rand.Int64N(int64(base)))
 }
 
 // stopTransport stops the epoll transport's event loops, if any.

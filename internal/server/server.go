@@ -72,13 +72,26 @@ type Config struct {
 	// address (an IP; for IPv6 a /64). Zero means DefaultMaxConnsPerAddr;
 	// negative means no cap.
 	MaxConnsPerAddr int
+	// MaxConns, MaxMemory, AdmitWatermark and AdmitCPU are the gateway's
+	// admission control (gateway.Config has the details): from
+	// AdmitWatermark (zero: gateway.DefaultAdmitWatermark) of MaxConns
+	// connections or of MaxMemory bytes, or from AdmitCPU of the cores,
+	// new connections are refused with 503 overloaded. Zero MaxConns means
+	// no cap; zero MaxMemory, the Go memory limit if set; zero AdmitCPU,
+	// no CPU watermark.
+	MaxConns       int
+	MaxMemory      int64
+	AdmitWatermark float64
+	AdmitCPU       float64
 	// ReadHeaderTimeout bounds how long a client may take to send a
 	// request's headers; BodyTimeout, its body. Zero means the default.
 	ReadHeaderTimeout time.Duration
 	BodyTimeout       time.Duration
 	Logger            *slog.Logger
 	// Transport serves the WebSocket connections once upgraded:
-	// gateway.TransportGoroutine (the default) or gateway.TransportEpoll.
+	// gateway.TransportEpoll (DefaultTransport: event loops, ≈ 3.5 KiB
+	// per idle connection) or gateway.TransportGoroutine (a reader and a
+	// writer goroutine each, ≈ 50 KiB). Empty means the default.
 	Transport string
 
 	// Mailbox and Accounts, when set, are used instead of the embedded
@@ -111,6 +124,10 @@ const (
 	// connections from one machine (on loopback, from many 127.0.0.x).
 	DefaultMaxConnsPerAddr   = 1000
 	DefaultReadHeaderTimeout = 10 * time.Second
+	// DefaultTransport serves connections from event loops: an idle
+	// connection costs a fourteenth of the memory it does on goroutines
+	// (docs/performance.md, "Gateway transport: goroutines vs epoll").
+	DefaultTransport = gateway.TransportEpoll
 )
 
 func (c *Config) setDefaults() {
@@ -150,6 +167,9 @@ func (c *Config) setDefaults() {
 	if c.ReadHeaderTimeout == 0 {
 		c.ReadHeaderTimeout = DefaultReadHeaderTimeout
 	}
+	if c.Transport == "" {
+		c.Transport = DefaultTransport
+	}
 	if c.BodyTimeout == 0 {
 		c.BodyTimeout = api.DefaultBodyTimeout
 	}
@@ -188,6 +208,12 @@ func (c *Config) Verify() error {
 	}
 	if _, _, err := net.SplitHostPort(c.Addr); err != nil {
 		errs = append(errs, fmt.Errorf("addr %q: %v", c.Addr, err))
+	}
+	if c.AdmitWatermark < 0 || c.AdmitWatermark > 1 {
+		errs = append(errs, fmt.Errorf("admission watermark %v: want more than 0, at most 1", c.AdmitWatermark))
+	}
+	if c.AdmitCPU < 0 || c.AdmitCPU > 1 {
+		errs = append(errs, fmt.Errorf("CPU admission watermark %v: want 0 (off) to 1", c.AdmitCPU))
 	}
 	if c.DeviceCacheTTL < 0 {
 		errs = append(errs, fmt.Errorf("device cache ttl %v: want a positive duration", c.DeviceCacheTTL))
@@ -295,11 +321,18 @@ func New(cfg Config) (*Server, error) {
 		Accounts: s.accounts, Mailbox: s.mailbox, Delivery: svc, Auth: authn, Metrics: m, Logger: cfg.Logger,
 		IdleTimeout: cfg.IdleTimeout, WriteTimeout: cfg.WriteTimeout, MaxConnsPerAddr: cfg.MaxConnsPerAddr,
 		Cluster: s.gatewayCluster(), Transport: cfg.Transport,
+		MaxConns: cfg.MaxConns, MaxMemory: cfg.MaxMemory, AdmitWatermark: cfg.AdmitWatermark, AdmitCPU: cfg.AdmitCPU,
 	})
 	if err != nil {
 		return nil, fmt.Errorf("gateway: %w", err)
 	}
 	s.gateway = gw
+	for _, sig := range gw.LoadSignals() {
+		s.registry.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "courier_gateway_load", Help: "The gateway's admission signals, each a fraction of its limit; from the watermark on, new connections are refused (503 overloaded).",
+			ConstLabels: prometheus.Labels{"signal": sig},
+		}, func() float64 { v, _ := gw.Load(sig); return v }))
+	}
 	notify.to = s.gateway
 
 	keySvc := keys.New(keys.Config{Store: keyStore, Mailbox: s.mailbox, Notifier: &notify, FetchLimit: cfg.KeyFetches, Logger: cfg.Logger})
@@ -334,6 +367,15 @@ func New(cfg Config) (*Server, error) {
 type notifier struct{ to delivery.Notifier }
 
 func (n *notifier) Notify(dev ident.Device) { n.to.Notify(dev) }
+
+// NotifyEntry hands the entry on if the gateway takes entries.
+func (n *notifier) NotifyEntry(dev ident.Device, e delivery.StoredEntry) {
+	if en, ok := n.to.(delivery.EntryNotifier); ok {
+		en.NotifyEntry(dev, e)
+		return
+	}
+	n.to.Notify(dev)
+}
 
 // Handler is the server's HTTP handler (API, WebSocket and metrics).
 func (s *Server) Handler() http.Handler { return s.handler }

@@ -8,14 +8,16 @@ import (
 	"os/exec"
 	"strings"
 	"testing"
+
+	"github.com/courier-im/courier/internal/gateway"
 )
 
-// TestEpollTransport runs the device-facing suites (server_test.go,
-// abuse_test.go, authz_test.go) again with the gateway on the epoll
-// transport: this test binary, re-executed with COURIER_TEST_TRANSPORT
-// set, which servertest.Start reads. Setting it by hand runs every test
-// on that transport instead.
-func TestEpollTransport(t *testing.T) {
+// TestGoroutineTransport runs the device-facing suites (server_test.go,
+// abuse_test.go, authz_test.go) again with the gateway on the goroutine
+// transport (the default is epoll): this test binary, re-executed with
+// COURIER_TEST_TRANSPORT set, which servertest.Start reads. Setting it by
+// hand runs every test on that transport instead.
+func TestGoroutineTransport(t *testing.T) {
 	if os.Getenv("COURIER_TEST_TRANSPORT") != "" {
 		t.Skip("already running on a chosen transport")
 	}
@@ -39,14 +41,14 @@ func TestEpollTransport(t *testing.T) {
 		t.Fatalf("found only %d tests to run: %v", len(names), names)
 	}
 	cmd := exec.Command(os.Args[0], "-test.run=^("+strings.Join(names, "|")+")$", "-test.count=1", "-test.v")
-	cmd.Env = append(os.Environ(), "COURIER_TEST_TRANSPORT=epoll")
+	cmd.Env = append(os.Environ(), "COURIER_TEST_TRANSPORT="+gateway.TransportGoroutine)
 	out, err := cmd.CombinedOutput()
 	passed := strings.Count(string(out), "--- PASS: ")
 	if err != nil {
-		t.Fatalf("on the epoll transport: %v\n%s", err, out)
+		t.Fatalf("on the goroutine transport: %v\n%s", err, out)
 	}
 	if passed < len(names) {
-		t.Fatalf("on the epoll transport: %d of %d tests passed\n%s", passed, len(names), out)
+		t.Fatalf("on the goroutine transport: %d of %d tests passed\n%s", passed, len(names), out)
 	}
-	t.Logf("%d tests passed on the epoll transport", passed)
+	t.Logf("%d tests passed on the goroutine transport", passed)
 }

@@ -97,6 +97,12 @@ var (
 	_ accounts.KeyStore = (*Store)(nil)
 )
 
+// SetLastSeenBatch implements accounts.LastSeenBatcher with the wrapped
+// store's batch, if it has one (last-seen times are not cached).
+func (s *Store) SetLastSeenBatch(ctx context.Context, seen map[string]time.Time) error {
+	return accounts.SetLastSeenBatch(ctx, s.Store, seen)
+}
+
 // New wraps st. It fails if the options are out of range or the metrics
 // cannot be registered.
 func New(st accounts.Store, opts Options) (*Store, error) {

@@ -433,6 +433,33 @@ func (s *Store) SetLastSeen(ctx context.Context, user string, t time.Time) error
 	return nil
 }
 
+// SetLastSeenBatch implements accounts.LastSeenBatcher: every user's
+// last-seen time in one transaction (one fsync'd commit instead of one
+// each). Users that do not exist are skipped.
+func (s *Store) SetLastSeenBatch(ctx context.Context, seen map[string]time.Time) error {
+	if len(seen) == 0 {
+		return nil
+	}
+	err := s.inTx(ctx, func(tx *sql.Tx) error {
+		st := tx.StmtContext(ctx, s.setLastSeen)
+		defer st.Close()
+		for user, t := range seen {
+			var v sql.NullInt64
+			if !t.IsZero() {
+				v = sql.NullInt64{Int64: t.UnixMilli(), Valid: true}
+			}
+			if _, err := st.ExecContext(ctx, v, user); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		return fmt.Errorf("accounts/sqlite: set last seen of %d users: %w", len(seen), err)
+	}
+	return nil
+}
+
 // inTx runs fn in a write transaction (BEGIN IMMEDIATE, see Open) and
 // commits it if fn succeeds.
 func (s *Store) inTx(ctx context.Context, fn func(*sql.Tx) error) error {
