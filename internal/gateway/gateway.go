@@ -625,14 +625,34 @@ func (g *Gateway) drainRetryAfter() time.Duration {
 	return base + time.Duration(rand.Int64N(int64(base)))
 }
 
-// stopTransport stops the epoll transport's event loops, if any.
+// transportStopTimeout bounds how long Shutdown waits for the epoll
+// transport's event loops to stop once every connection has ended.
+const transportStopTimeout = 3 * time.Second
+
+// stopTransport stops the epoll transport's event loops, if any. nbio's
+// Stop waits until it has counted every connection it ever took as
+// closed; in about one shutdown in forty under test its count stays one
+// short although every connection has ended (none is left in the gateway,
+// none of its handlers is running), and Stop would wait forever. By then
+// there is nothing left to lose, so the wait is bounded: the loops are
+// left to the process's exit, with a warning.
 func (g *Gateway) stopTransport() {
-	if g.ep != nil {
-		g.stopOnce.Do(func() {
-			g.ep.engine.Stop()
-			g.ep.pool.Stop()
-		})
+	if g.ep == nil {
+		return
 	}
+	g.stopOnce.Do(func() {
+		stopped := make(chan struct{})
+		go func() {
+			g.ep.engine.Stop()
+			close(stopped)
+		}()
+		select {
+		case <-stopped:
+		case <-time.After(transportStopTimeout):
+			g.log.Warn("epoll transport: event loops did not stop in time; left to the process exit", "waited", transportStopTimeout)
+		}
+		g.ep.pool.Stop()
+	})
 }
 
 // Draining reports whether Shutdown has begun.
