@@ -202,7 +202,14 @@ func (c *conn) reply(f *pb.ServerFrame) {
 		// take; a device that does not read is cut off by the write
 		// deadline). While the pipeline has more frames to finish in its
 		// run, the reply waits in the batch for theirs (evwrite.go).
-		c.evWriteFrame(f, !c.pipe.more.Load())
+		c.evWriteFrame(f, false)
+		// Held only while the pipeline's run has more tails to answer:
+		// checked again after the frame is in the batch, so a reply
+		// added just after the run's last flush (one from the reader,
+		// racing the pipeline) is not left waiting for the next.
+		if !c.pipe.more.Load() {
+			c.evFlush()
+		}
 		return
 	}
 	select {
