@@ -153,12 +153,21 @@ var groupIDLen = base64.RawURLEncoding.EncodedLen(GroupIDBytes)
 
 // NewGroupID returns a new random group id: 128 bits, as 22 characters of
 // unpadded URL-safe base64.
+//
+// An id never begins with '-' or '_': one that began with '-' would read
+// as a flag on a command line (courier group show -c3Fb… fails), so
+// those draws (1 in 32) are drawn again, leaving ~127.9 random bits.
 func NewGroupID() string {
 	var b [GroupIDBytes]byte
-	if _, err := rand.Read(b[:]); err != nil {
-		panic("accounts: crypto/rand failed: " + err.Error())
+	for {
+		if _, err := rand.Read(b[:]); err != nil {
+			panic("accounts: crypto/rand failed: " + err.Error())
+		}
+		id := base64.RawURLEncoding.EncodeToString(b[:])
+		if id[0] != '-' && id[0] != '_' {
+			return id
+		}
 	}
-	return base64.RawURLEncoding.EncodeToString(b[:])
 }
 
 // ValidGroupID reports whether id has the form NewGroupID gives.
