@@ -185,7 +185,41 @@ func Open(ctx context.Context, nc *nats.Conn, opts Options) (*Store, error) {
 		opts: opts, log: opts.Logger, mux: mux, replicated: got.Replicas > 1,
 	}
 	s.groups = &committer{s: s}
+	if err := s.waitReady(ctx); err != nil {
+		_ = mux.close()
+		return nil, err
+	}
 	return s, nil
+}
+
+// waitReady returns once the stream's leader answers a request. A stream
+// just created (or whose leader just failed) has none for a moment: its
+// replicas elect one, and the leader's interest in the stream's subjects
+// reaches the server nc is connected to, after which publishes stop
+// meeting "no responders". The leader subscribes to those subjects before
+// it answers as leader, and both travel the same route to nc's server, so
+// an answer from the leader means publishes reach it too.
+func (s *Store) waitReady(ctx context.Context) error {
+	probe := directGetRequest{LastFor: s.subj.key("courier-ready-probe")}
+	pause := 10 * time.Millisecond
+	for {
+		tctx, cancel := context.WithTimeout(ctx, time.Second)
+		_, _, err := s.mux.leaderGet(tctx, s.name, probe)
+		cancel()
+		if err == nil {
+			return nil
+		}
+		var ae *apiError
+		if errors.As(err, &ae) && !ae.transient() {
+			return fmt.Errorf("jetstream mailbox: stream %s: %w", s.name, err)
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("%w: jetstream mailbox: stream %s has no leader: %w (last: %v)", mailbox.ErrUnavailable, s.name, ctx.Err(), err)
+		case <-time.After(pause):
+		}
+		pause = min(2*pause, 200*time.Millisecond)
+	}
 }
 
 func withTimeout(ctx context.Context, d time.Duration) (context.Context, context.CancelFunc) {
