@@ -38,6 +38,15 @@ type Batch struct {
 	// appended and Append returns the Receipt stored with that earlier
 	// batch and Duplicate set.
 	Key string
+	// KeyIsNew says the caller vouches that no earlier batch used Key (the
+	// client's first attempt at a message). The store then records Key, so
+	// that later retries find it, without looking it up first: a false
+	// claim can append the same batch twice. Key must still be set, and a
+	// retry of Key made while this batch is in flight must still wait for
+	// it and find it, as it would without KeyIsNew. A backend whose
+	// duplicate check costs nothing extra may ignore KeyIsNew (jetstream
+	// does: its de-duplication is part of the publish).
+	KeyIsNew bool
 	// Receipt is stored with Key and returned for duplicates (for example
 	// the server id and time of the message).
 	Receipt []byte

@@ -310,3 +310,68 @@ func walFsyncs(b *testing.B, s *Store) uint64 {
 	}
 	return m.GetHistogram().GetSampleCount()
 }
+
+// BenchmarkMessageCycle measures the mailbox work of one 1:1 message as
+// the server does it, per message: the send's durable append with its
+// idempotency key, the receiver's ack (the entry's delete and the
+// DELIVERED receipt to the sender, one batch), and the sender's ack of the
+// receipt (a plain delete). Pairs of devices run concurrently, so the
+// appends share fsyncs as the server's do; the run is long enough for
+// memtable flushes and compactions to take their share. cpu-µs/msg is the
+// whole process's CPU time per message.
+func BenchmarkMessageCycle(b *testing.B) {
+	for _, pairs := range []int{64} {
+		b.Run(fmt.Sprintf("pairs=%d", pairs), func(b *testing.B) {
+			s := benchStore(b)
+			body := make([]byte, 120) // an envelope of a 64-byte payload
+			receipt := make([]byte, 60)
+			var keys atomic.Uint64
+			var wg sync.WaitGroup
+			b.ReportAllocs()
+			cpu := cpuTime(b)
+			b.ResetTimer()
+			start := time.Now()
+			for p := range pairs {
+				wg.Go(func() {
+					snd := ident.Device{User: fmt.Sprintf("sender%d", p), ID: 1}
+					rcv := ident.Device{User: fmt.Sprintf("receiver%d", p), ID: 1}
+					back := []mailbox.Item{{Device: snd, Data: receipt}}
+					then := func([]mailbox.Entry) ([]mailbox.Item, error) { return back, nil }
+					share := b.N / pairs
+					if p < b.N%pairs {
+						share++
+					}
+					for range share {
+						key := fmt.Sprintf("%s/%d/%016x", snd.User, snd.ID, keys.Add(1)*0x9e3779b97f4a7c15)
+						res, err := s.Append(ctx, mailbox.Batch{Key: key, KeyIsNew: true, Items: []mailbox.Item{{Device: rcv, Data: body}}})
+						if err != nil {
+							b.Error(err)
+							return
+						}
+						got, pend, err := s.StartDeleteAppend(ctx, mailbox.DeleteAppend{Device: rcv, Seqs: res.Seqs, Then: then})
+						if err == nil && len(got) != 1 {
+							err = fmt.Errorf("ack removed %d entries", len(got))
+						}
+						if err != nil {
+							b.Error(err)
+							return
+						}
+						r, err := pend.Wait(ctx)
+						if err != nil {
+							b.Error(err)
+							return
+						}
+						if got, err := s.Delete(ctx, snd, r.Seqs); err != nil || len(got) != 1 {
+							b.Errorf("receipt ack: %d entries, %v", len(got), err)
+							return
+						}
+					}
+				})
+			}
+			wg.Wait()
+			b.StopTimer()
+			b.ReportMetric(float64(b.N)/time.Since(start).Seconds(), "msgs/s")
+			b.ReportMetric(float64(cpuTime(b)-cpu)/float64(time.Microsecond)/float64(b.N), "cpu-µs/msg")
+		})
+	}
+}

@@ -150,6 +150,13 @@ func eventListener(log *slog.Logger) *pebbledb.EventListener {
 		WriteStallEnd: func() {
 			log.Info("pebble write stall ended")
 		},
+		// Entries are deleted with single deletes, which are correct only
+		// for a key set exactly once (keys.go). Pebble's compactions notice
+		// when that assumption broke; it would be a bug here, so it is
+		// logged as an error with the key.
+		PossibleAPIMisuse: func(info pebbledb.PossibleAPIMisuseInfo) {
+			log.Error("pebble: possible misuse", "kind", info.Kind.String(), "key", fmt.Sprintf("%x", info.UserKey))
+		},
 	}
 }
 

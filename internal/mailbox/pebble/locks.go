@@ -19,7 +19,20 @@ type lockTable struct {
 type lockShard struct {
 	mu sync.Mutex
 	m  map[string]*lock
+	// highs keeps the high-water seqs of devices whose append lock entry
+	// was dropped (nobody held or waited for it), so that the next append
+	// to a device that is written now and then, not continuously, does not
+	// read its mark from Pebble: that Get costs several µs once the mark is
+	// in an sstable. Only appends move a mark, each under its device's lock,
+	// so a kept value is current until the lock entry is made again and
+	// takes it back. At most maxKeptHighs per shard; past that an arbitrary
+	// one is forgotten (and read again when needed).
+	highs map[string]uint64
 }
+
+// maxKeptHighs bounds each shard's highs: 64 shards × 2,048 devices,
+// ≈ 10 MB at most with 40-byte names.
+const maxKeptHighs = 2048
 
 type lock struct {
 	name string
@@ -39,6 +52,7 @@ func newLockTable() *lockTable {
 	t := &lockTable{seed: maphash.MakeSeed()}
 	for i := range t.shards {
 		t.shards[i].m = make(map[string]*lock)
+		t.shards[i].highs = make(map[string]uint64)
 	}
 	return t
 }
@@ -56,6 +70,10 @@ func (t *lockTable) ref(name string) *lock {
 			l = &lock{ch: make(chan struct{}, 1)}
 		}
 		l.name = name
+		if h, ok := sh.highs[name]; ok {
+			l.high, l.highKnown = h, true
+			delete(sh.highs, name)
+		}
 		sh.m[name] = l
 	}
 	l.refs++
@@ -70,6 +88,15 @@ func (t *lockTable) unref(l *lock) {
 	free := l.refs == 0
 	if free {
 		delete(sh.m, l.name)
+		if l.highKnown {
+			if len(sh.highs) >= maxKeptHighs {
+				for name := range sh.highs {
+					delete(sh.highs, name)
+					break
+				}
+			}
+			sh.highs[l.name] = l.high
+		}
 	}
 	sh.mu.Unlock()
 	if free {
