@@ -6,6 +6,7 @@ import (
 	"errors"
 	"net/http"
 	"net/http/httptest"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -328,5 +329,126 @@ func TestOutboxRetryKeepsClientID(t *testing.T) {
 	}
 	if got := strings.Join(attempts[2].targets, " "); got != want3 {
 		t.Errorf("attempt after stale_devices addressed %s, want %s", got, want3)
+	}
+}
+
+// restoredOutbox is an OutboxStore that an earlier process left holding
+// one message.
+type restoredOutbox struct{ msg client.OutboxMessage }
+
+func (o restoredOutbox) Add(client.OutboxMessage) error { return nil }
+func (o restoredOutbox) Remove(string) error            { return nil }
+func (o restoredOutbox) Pending() ([]client.OutboxMessage, error) {
+	return []client.OutboxMessage{o.msg}, nil
+}
+
+// A Send frame says first_attempt only on the first transmission of a
+// message made by this process: not on its resend after a stale_devices
+// refusal, nor after the connection was lost before the answer (the
+// message then also tried HTTP, and came back on a new connection), and
+// never for a message loaded from the outbox an earlier process left.
+func TestFirstAttemptOnlyOnFirstTransmission(t *testing.T) {
+	var (
+		mu    sync.Mutex
+		flags = map[string][]bool{} // payload: first_attempt of each Send frame
+		posts = map[string]int{}    // payload: HTTP sends
+	)
+	pinged := make(chan struct{}) // closed once a connection is in use
+	var pingOnce sync.Once
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /v1/users/{name}/devices", func(w http.ResponseWriter, r *http.Request) {
+		// The first send waits for a connection, so that its first
+		// transmission is a Send frame rather than an HTTP request.
+		select {
+		case <-pinged:
+		case <-time.After(waitTimeout):
+			t.Error("no ping on a connection")
+		}
+		json.NewEncoder(w).Encode(map[string]any{"user": r.PathValue("name"), "devices": []map[string]any{{"id": 1}}})
+	})
+	mux.HandleFunc("POST /v1/messages", func(w http.ResponseWriter, r *http.Request) {
+		var in struct {
+			Payloads []struct {
+				Payload []byte `json:"payload"`
+			} `json:"payloads"`
+		}
+		json.NewDecoder(r.Body).Decode(&in)
+		mu.Lock()
+		for _, p := range in.Payloads {
+			posts[string(p.Payload)]++
+		}
+		mu.Unlock()
+		w.WriteHeader(http.StatusServiceUnavailable)
+		json.NewEncoder(w).Encode(map[string]any{"error": map[string]any{"code": "storage_unavailable", "retry_after_ms": 1}})
+	})
+	mux.HandleFunc("/v1/ws", func(w http.ResponseWriter, r *http.Request) {
+		ws, err := websocket.Accept(w, r, nil)
+		if err != nil {
+			return
+		}
+		defer ws.CloseNow()
+		writeFrame(t, ws, hello())
+		for {
+			f, err := readFrame(ws)
+			if err != nil {
+				return
+			}
+			if f.GetPing() != nil {
+				pingOnce.Do(func() { close(pinged) })
+				writeFrame(t, ws, &courierv1.ServerFrame{Id: f.Id, Body: &courierv1.ServerFrame_Pong{Pong: &courierv1.Pong{}}})
+				continue
+			}
+			s := f.GetSend()
+			if s == nil || len(s.Payloads) != 1 {
+				t.Errorf("unexpected frame %v", f)
+				return
+			}
+			body := string(s.Payloads[0].Payload)
+			mu.Lock()
+			flags[body] = append(flags[body], s.FirstAttempt)
+			n := len(flags[body])
+			mu.Unlock()
+			switch {
+			case body == "stale" && n == 1:
+				writeFrame(t, ws, &courierv1.ServerFrame{Id: f.Id, Body: &courierv1.ServerFrame_Refused{Refused: &courierv1.Refused{
+					Code: courierv1.RefusalCode_REFUSAL_CODE_STALE_DEVICES, Devices: []*courierv1.UserDevices{
+						{User: "bob", Devices: []uint32{1}}, {User: "alice", Devices: []uint32{1}}}}}})
+			case body == "lost" && n == 1:
+				return // the connection ends without an answer
+			default:
+				writeFrame(t, ws, &courierv1.ServerFrame{Id: f.Id, Body: &courierv1.ServerFrame_Accepted{Accepted: &courierv1.Accepted{
+					ServerId: "S-" + body, ServerTimeMs: 5000}}})
+			}
+		}
+	})
+	srv := httptest.NewServer(mux)
+	defer srv.Close()
+
+	restored := client.OutboxMessage{ClientMsgID: "restored-1", From: client.Device{User: "alice", ID: 1}, To: "bob",
+		Body: []byte("restored"), Created: time.Now()}
+	c, _ := newClient(t, fakeCreds(srv.URL), fast, func(cfg *client.Config) {
+		cfg.PingInterval = 20 * time.Millisecond
+		cfg.Outbox = restoredOutbox{restored}
+		cfg.Seal = func(_ context.Context, _ client.Device, body []byte) ([]byte, error) { return body, nil }
+	})
+	runClient(t, c)
+	ctx, cancel := context.WithTimeout(context.Background(), waitTimeout)
+	defer cancel()
+	for _, body := range []string{"stale", "lost"} {
+		if sent, err := c.Send(ctx, "bob", []byte(body)); err != nil || sent.ServerID != "S-"+body {
+			t.Fatalf("send %s: %+v, %v", body, sent, err)
+		}
+	}
+	// The restored message was ahead of them in the outbox.
+	mu.Lock()
+	defer mu.Unlock()
+	want := map[string][]bool{"restored": {false}, "stale": {true, false}, "lost": {true, false}}
+	for body, w := range want {
+		if got := flags[body]; !slices.Equal(got, w) {
+			t.Errorf("%s: first_attempt of its Send frames %v; want %v", body, got, w)
+		}
+	}
+	if posts["lost"] == 0 {
+		t.Errorf("the send cut off by the lost connection did not try HTTP (posts %v)", posts)
 	}
 }

@@ -514,11 +514,13 @@ func (c *Client) attemptGroup(ctx context.Context, it *outItem) (Sent, error) {
 		return Sent{}, err
 	}
 	if s := c.session(); s != nil {
-		sent, err := s.sendGroup(ctx, it.msg.ClientMsgID, id, g.Version, payload)
+		sent, err := s.sendGroup(ctx, it.msg.ClientMsgID, id, g.Version, payload, &it.first)
 		if !errors.Is(err, errDisconnected) {
 			return sent, err
 		}
 	}
+	// The HTTP API has no first_attempt, but this is a transmission.
+	it.first.take()
 	return c.api.sendGroup(ctx, it.msg.ClientMsgID, id, g.Version, payload)
 }
 
@@ -569,8 +571,9 @@ func (c *Client) sealGroup(ctx context.Context, gc GroupCipher, m OutboxMessage)
 // message sent pairwise at once, retried on stale device lists.
 func (c *Client) share(ctx context.Context, to string, body []byte) ([]Device, error) {
 	m := OutboxMessage{ClientMsgID: newClientMsgID(), From: c.self, To: to, Body: body, Control: true, Created: time.Now()}
+	first := fresh() // m is never stored: only this loop sends it
 	for stale := 0; ; stale++ {
-		targets, _, err := c.attemptPairwise(ctx, m)
+		targets, _, err := c.attemptPairwise(ctx, m, first)
 		var re *RefusedError
 		if errors.As(err, &re) && re.Code == CodeStaleDevices && stale < maxStaleRetries {
 			c.learnDevices(re, to)
@@ -641,15 +644,16 @@ func (h *httpAPI) sendGroup(ctx context.Context, clientMsgID, group string, vers
 	return Sent{MessageRef: MessageRef{ServerID: out.ServerID, ClientMsgID: clientMsgID}, Time: out.ServerTime, Duplicate: out.Duplicate}, nil
 }
 
-// sendGroup offers one group message over the connection.
-func (s *session) sendGroup(ctx context.Context, clientMsgID, group string, version uint64, payload []byte) (Sent, error) {
+// sendGroup offers one group message over the connection. first is the
+// message's firstTry.
+func (s *session) sendGroup(ctx context.Context, clientMsgID, group string, version uint64, payload []byte, first *firstTry) (Sent, error) {
 	if max := s.hello.GetMaxPayloadBytes(); max > 0 && len(payload) > int(max) {
 		return Sent{}, &RefusedError{Code: CodePayloadTooLarge,
 			Message: fmt.Sprintf("the payload is %d bytes; the server's limit is %d", len(payload), max)}
 	}
 	f := &courierv1.ClientFrame{Body: &courierv1.ClientFrame_Send{Send: &courierv1.Send{
 		ClientMsgId: clientMsgID, Group: group, GroupVersion: version, Payload: payload}}}
-	return s.offer(ctx, clientMsgID, f)
+	return s.offer(ctx, clientMsgID, f, first)
 }
 
 // groupUpdate handles an ENVELOPE_KIND_GROUP_UPDATE entry: the stored

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"slices"
+	"sync/atomic"
 	"time"
 )
 
@@ -83,6 +84,35 @@ type outItem struct {
 	// barrier, if set, makes this a marker of Flush, closed when the
 	// outbox reaches it.
 	barrier chan struct{}
+	// first says whether msg may still go out as a first attempt. Only
+	// enqueueMessage sets it: a message loaded from Config.Outbox may have
+	// been transmitted by an earlier process.
+	first firstTry
+}
+
+// firstTry tracks whether a message's client id may have reached the
+// server yet, for the Send frame's first_attempt: true tells the server
+// not to look for an earlier acceptance, so it must be said only on the
+// message's very first transmission. Anything later (a retry after an
+// error or a timeout, a send after a reconnect, a reseal after
+// stale_devices) says false. The zero value has been transmitted.
+type firstTry struct{ unsent atomic.Bool }
+
+// fresh returns a firstTry for a message made in this process and not
+// yet transmitted.
+func fresh() *firstTry {
+	f := new(firstTry)
+	f.unsent.Store(true)
+	return f
+}
+
+// take is called just before the message is transmitted, over whichever
+// transport: it reports whether this is the first transmission and
+// records that there has been one. It is called before the write, since a
+// write that fails may still have reached the server. A nil *firstTry is
+// never first.
+func (f *firstTry) take() bool {
+	return f != nil && f.unsent.Swap(false)
 }
 
 type sendResult struct {
@@ -150,6 +180,7 @@ func (c *Client) enqueueMessage(m OutboxMessage, wait bool) (*outItem, error) {
 		return nil, fmt.Errorf("courier: send: store in the outbox: %w", err)
 	}
 	it := &outItem{msg: m}
+	it.first.unsent.Store(true)
 	if wait {
 		it.done = make(chan sendResult, 1)
 	}
@@ -263,22 +294,22 @@ func (c *Client) attempt(ctx context.Context, it *outItem) (Sent, error) {
 	if it.msg.ToGroup() {
 		return c.attemptGroup(ctx, it)
 	}
-	_, sent, err := c.attemptPairwise(ctx, it.msg)
+	_, sent, err := c.attemptPairwise(ctx, it.msg, &it.first)
 	return sent, err
 }
 
 // attemptPairwise sends a message to a user, sealed for each of the
-// devices it goes to, which it returns.
-func (c *Client) attemptPairwise(ctx context.Context, m OutboxMessage) ([]Device, Sent, error) {
+// devices it goes to, which it returns. first is the message's firstTry.
+func (c *Client) attemptPairwise(ctx context.Context, m OutboxMessage, first *firstTry) ([]Device, Sent, error) {
 	targets, err := c.addressees(ctx, m.To)
 	if err != nil {
 		return nil, Sent{}, err
 	}
-	sent, err := c.sealAndSend(ctx, m, targets)
+	sent, err := c.sealAndSend(ctx, m, targets, first)
 	return targets, sent, err
 }
 
-func (c *Client) sealAndSend(ctx context.Context, m OutboxMessage, targets []Device) (Sent, error) {
+func (c *Client) sealAndSend(ctx context.Context, m OutboxMessage, targets []Device, first *firstTry) (Sent, error) {
 	payloads := make([]devicePayload, len(targets))
 	if c.cfg.Cipher != nil {
 		sealed, err := c.cfg.Cipher.Seal(ctx, m, targets)
@@ -306,12 +337,14 @@ func (c *Client) sealAndSend(ctx context.Context, m OutboxMessage, targets []Dev
 		}
 	}
 	if s := c.session(); s != nil {
-		sent, err := s.send(ctx, m.ClientMsgID, m.To, payloads)
+		sent, err := s.send(ctx, m.ClientMsgID, m.To, payloads, first)
 		if !errors.Is(err, errDisconnected) {
 			return sent, err
 		}
 		// The connection went away mid-send: HTTP now, same client id.
 	}
+	// The HTTP API has no first_attempt, but this is a transmission.
+	first.take()
 	return c.api.send(ctx, m.ClientMsgID, m.To, payloads)
 }
 

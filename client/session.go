@@ -260,8 +260,8 @@ func (s *session) request(ctx context.Context, f *courierv1.ClientFrame) error {
 }
 
 // send offers one message and returns the server's acceptance, or the
-// refusal as a *RefusedError.
-func (s *session) send(ctx context.Context, clientMsgID, to string, payloads []devicePayload) (Sent, error) {
+// refusal as a *RefusedError. first is the message's firstTry.
+func (s *session) send(ctx context.Context, clientMsgID, to string, payloads []devicePayload, first *firstTry) (Sent, error) {
 	msg := &courierv1.Send{ClientMsgId: clientMsgID, To: to, Payloads: make([]*courierv1.DevicePayload, len(payloads))}
 	for i, p := range payloads {
 		if max := s.hello.GetMaxPayloadBytes(); max > 0 && len(p.data) > int(max) {
@@ -274,17 +274,19 @@ func (s *session) send(ctx context.Context, clientMsgID, to string, payloads []d
 		}
 	}
 	f := &courierv1.ClientFrame{Body: &courierv1.ClientFrame_Send{Send: msg}}
-	return s.offer(ctx, clientMsgID, f)
+	return s.offer(ctx, clientMsgID, f, first)
 }
 
 // offer sends a Send frame and returns the server's acceptance, or the
-// refusal as a *RefusedError.
-func (s *session) offer(ctx context.Context, clientMsgID string, f *courierv1.ClientFrame) (Sent, error) {
+// refusal as a *RefusedError. It sets the frame's first_attempt from
+// first (see firstTry) once nothing but the write is left.
+func (s *session) offer(ctx context.Context, clientMsgID string, f *courierv1.ClientFrame, first *firstTry) (Sent, error) {
 	if max := s.hello.GetMaxFrameBytes(); max > 0 && proto.Size(f) > int(max) {
 		// The server would close the connection over it.
 		return Sent{}, &RefusedError{Code: CodePayloadTooLarge,
 			Message: fmt.Sprintf("the message is larger than the server's %d-byte frame limit", max)}
 	}
+	f.GetSend().FirstAttempt = first.take()
 	r, err := s.call(ctx, f)
 	if err != nil {
 		return Sent{}, err

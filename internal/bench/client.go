@@ -285,7 +285,7 @@ func (s *sender) next(c *client) {
 	}
 	n := s.take(&c.r.ledger)
 	s.inflight.Add(1)
-	s.write(c, n)
+	s.write(c, n, true)
 }
 
 // take numbers a new message: in its stream, or in every stream of fan.
@@ -315,7 +315,10 @@ func (s *sender) accepted(l *ledger, n uint32) {
 	}
 }
 
-func (s *sender) write(c *client, n uint32) {
+// write sends message n. first is true for its first transmission and
+// false for a resend (retry): only the first may skip the server's
+// idempotency lookup. A message whose connection is lost is never resent.
+func (s *sender) write(c *client, n uint32, first bool) {
 	bp := framePool.Get().(*[]byte)
 	var f *pb.ClientFrame
 	if s.group != "" {
@@ -326,6 +329,7 @@ func (s *sender) write(c *client, n uint32) {
 			Group:        s.group,
 			GroupVersion: s.groupVersion,
 			Payload:      payload,
+			FirstAttempt: first,
 		}}}
 		*bp = payload[:0]
 	} else {
@@ -333,9 +337,10 @@ func (s *sender) write(c *client, n uint32) {
 		key := uint64(s.stream.id)<<32 | uint64(n)
 		payload := appendPayload((*bp)[:0], key, time.Now().UnixNano(), s.size)
 		f = &pb.ClientFrame{Id: uint64(n) + 1, Body: &pb.ClientFrame_Send{Send: &pb.Send{
-			ClientMsgId: "m" + strconv.FormatUint(uint64(n), 10),
-			To:          to.User,
-			Payloads:    []*pb.DevicePayload{{Device: &pb.DeviceAddress{User: to.User, Device: to.Device}, Payload: payload}},
+			ClientMsgId:  "m" + strconv.FormatUint(uint64(n), 10),
+			To:           to.User,
+			Payloads:     []*pb.DevicePayload{{Device: &pb.DeviceAddress{User: to.User, Device: to.Device}, Payload: payload}},
+			FirstAttempt: first,
 		}}}
 		*bp = payload[:0]
 	}
@@ -361,5 +366,5 @@ func (s *sender) answered(c *client, k int) {
 // retry re-sends message n (same client_msg_id) after the server's hint.
 func (s *sender) retry(c *client, n uint32, after time.Duration) {
 	c.r.count("send_retries", 1)
-	time.AfterFunc(max(after, 10*time.Millisecond), func() { s.write(c, n) })
+	time.AfterFunc(max(after, 10*time.Millisecond), func() { s.write(c, n, false) })
 }

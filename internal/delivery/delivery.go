@@ -117,6 +117,10 @@ type SendRequest struct {
 	GroupVersion uint64
 	// Payload is a group message's one ciphertext.
 	Payload []byte
+	// FirstAttempt is the sender's word that it never sent ClientMsgID
+	// before: the send's appends then skip the idempotency lookup
+	// (mailbox.Batch.KeyIsNew), and a false claim can store it twice.
+	FirstAttempt bool
 }
 
 // Accepted is the answer to an accepted send.
@@ -299,10 +303,11 @@ func (s *Service) StartSend(ctx context.Context, req SendRequest) (*PendingSend,
 	}
 	began := time.Now()
 	p, err := s.startAppend(ctx, mailbox.Batch{
-		Key:     "send/" + req.From.String() + "/" + req.ClientMsgID,
-		Receipt: encodeAccepted(serverID, now),
-		Items:   items,
-		Time:    now,
+		Key:      "send/" + req.From.String() + "/" + req.ClientMsgID,
+		KeyIsNew: req.FirstAttempt,
+		Receipt:  encodeAccepted(serverID, now),
+		Items:    items,
+		Time:     now,
 	})
 	if err != nil {
 		if ctx.Err() != nil {

@@ -93,8 +93,10 @@ func (s *Service) startGroupSend(ctx context.Context, req SendRequest) (*Pending
 	}
 	keyBase := "send/" + req.From.String() + "/" + req.ClientMsgID + "/"
 	batch := func(n int, items []mailbox.Item) mailbox.Batch {
-		return mailbox.Batch{Key: keyBase + strconv.Itoa(n), Receipt: encodeAccepted(env.ServerId, time.UnixMilli(env.ServerTimeMs)),
-			Items: items, Time: now}
+		// On a first attempt every chunk's key is new: each is made
+		// from the client_msg_id the sender vouches it never sent.
+		return mailbox.Batch{Key: keyBase + strconv.Itoa(n), KeyIsNew: req.FirstAttempt,
+			Receipt: encodeAccepted(env.ServerId, time.UnixMilli(env.ServerTimeMs)), Items: items, Time: now}
 	}
 	items, err := sameItems(env, targets)
 	if err != nil {

@@ -154,6 +154,49 @@ func TestDuplicateSendStoredOnce(t *testing.T) {
 	}
 }
 
+// A send marked first_attempt is stored without looking for an earlier
+// acceptance, but its key is stored with it: the resend of a client that
+// lost the answer (on a new connection, without the flag) is answered
+// with the first acceptance and stores nothing.
+func TestFirstAttemptThenResendIsDuplicate(t *testing.T) {
+	t.Parallel()
+	s := servertest.Start(t)
+	alice, bob := register(t, s.URL, "alice"), register(t, s.URL, "bob")
+	ac := dial(t, s.URL, alice)
+	r := ac.request(&pb.ClientFrame{Body: &pb.ClientFrame_Send{Send: &pb.Send{ClientMsgId: "first-id", To: "bob", FirstAttempt: true,
+		Payloads: []*pb.DevicePayload{{Device: dev("bob", 1), Payload: []byte("once")}}}}})
+	first := r.GetAccepted()
+	if first == nil || first.Duplicate || first.ServerId == "" {
+		t.Fatalf("first attempt: %v", r)
+	}
+	ac.ws.Close(websocket.StatusNormalClosure, "")
+
+	ac = dial(t, s.URL, alice)
+	again := ac.send("first-id", "bob", dev("bob", 1)).GetAccepted()
+	if again == nil || !again.Duplicate || again.ServerId != first.ServerId || again.ServerTimeMs != first.ServerTimeMs {
+		t.Fatalf("first attempt %v, resend %v: want the same acceptance, marked duplicate", first, again)
+	}
+	bc := dial(t, s.URL, bob)
+	d := bc.until(isDeliver).GetDeliver()
+	if d.Envelope.ServerId != first.ServerId || string(d.Envelope.Payload) != "once" {
+		t.Fatalf("delivered %v; want the first attempt %s", d.Envelope, first.ServerId)
+	}
+	if sy := bc.next(5 * time.Second).GetSynced(); sy == nil || sy.Pending != 1 {
+		t.Fatalf("want exactly one stored entry, got %v", sy)
+	}
+
+	// The flag does reach the mailbox: claimed for an id already accepted
+	// (which a correct client never does), it stores the message again.
+	r = ac.request(&pb.ClientFrame{Body: &pb.ClientFrame_Send{Send: &pb.Send{ClientMsgId: "first-id", To: "bob", FirstAttempt: true,
+		Payloads: []*pb.DevicePayload{{Device: dev("bob", 1), Payload: []byte("twice")}}}}})
+	if lie := r.GetAccepted(); lie == nil || lie.Duplicate || lie.ServerId == first.ServerId {
+		t.Fatalf("first_attempt for an accepted id: %v; want a new acceptance", r)
+	}
+	if d := bc.until(isDeliver).GetDeliver(); string(d.Envelope.Payload) != "twice" {
+		t.Fatalf("delivered %v; want the second copy", d.Envelope)
+	}
+}
+
 func TestReceiptsOutOfOrder(t *testing.T) {
 	t.Parallel()
 	s := servertest.Start(t)

@@ -758,7 +758,16 @@ type Send struct {
 	// hands its key to the new members before retrying.
 	GroupVersion uint64 `protobuf:"varint,5,opt,name=group_version,json=groupVersion,proto3" json:"group_version,omitempty"`
 	// payload is a group message's one ciphertext.
-	Payload       []byte `protobuf:"bytes,6,opt,name=payload,proto3" json:"payload,omitempty"`
+	Payload []byte `protobuf:"bytes,6,opt,name=payload,proto3" json:"payload,omitempty"`
+	// first_attempt may be true only if this client has never transmitted
+	// this client_msg_id before, in any connection or process life: a resend
+	// after a reconnect, a restart, a refusal or a timeout leaves it false.
+	// When it is true the server does not look for an earlier acceptance of
+	// the client_msg_id (it still records this one, so later resends find
+	// it), which saves a storage lookup on nearly every send; a false claim
+	// can therefore store the message twice. False, the default, always
+	// looks.
+	FirstAttempt  bool `protobuf:"varint,7,opt,name=first_attempt,json=firstAttempt,proto3" json:"first_attempt,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -833,6 +842,13 @@ func (x *Send) GetPayload() []byte {
 		return x.Payload
 	}
 	return nil
+}
+
+func (x *Send) GetFirstAttempt() bool {
+	if x != nil {
+		return x.FirstAttempt
+	}
+	return false
 }
 
 type DevicePayload struct {
@@ -2251,14 +2267,15 @@ const file_courier_v1_courier_proto_rawDesc = "" +
 	"\x04body\";\n" +
 	"\rDeviceAddress\x12\x12\n" +
 	"\x04user\x18\x01 \x01(\tR\x04user\x12\x16\n" +
-	"\x06device\x18\x02 \x01(\rR\x06device\"\xc6\x01\n" +
+	"\x06device\x18\x02 \x01(\rR\x06device\"\xeb\x01\n" +
 	"\x04Send\x12\"\n" +
 	"\rclient_msg_id\x18\x01 \x01(\tR\vclientMsgId\x12\x0e\n" +
 	"\x02to\x18\x02 \x01(\tR\x02to\x125\n" +
 	"\bpayloads\x18\x03 \x03(\v2\x19.courier.v1.DevicePayloadR\bpayloads\x12\x14\n" +
 	"\x05group\x18\x04 \x01(\tR\x05group\x12#\n" +
 	"\rgroup_version\x18\x05 \x01(\x04R\fgroupVersion\x12\x18\n" +
-	"\apayload\x18\x06 \x01(\fR\apayload\"\\\n" +
+	"\apayload\x18\x06 \x01(\fR\apayload\x12#\n" +
+	"\rfirst_attempt\x18\a \x01(\bR\ffirstAttempt\"\\\n" +
 	"\rDevicePayload\x121\n" +
 	"\x06device\x18\x01 \x01(\v2\x19.courier.v1.DeviceAddressR\x06device\x12\x18\n" +
 	"\apayload\x18\x02 \x01(\fR\apayload\"k\n" +
