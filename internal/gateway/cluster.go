@@ -46,10 +46,10 @@ func newSessionID() string {
 func (g *Gateway) Sessions() []directory.DeviceSession {
 	g.mu.Lock()
 	defer g.mu.Unlock()
-	out := make([]directory.DeviceSession, 0, len(g.conns))
-	for dev, c := range g.conns {
+	out := make([]directory.DeviceSession, 0, len(g.sessions))
+	for c := range g.connsLocked() {
 		if s := g.sessions[c]; s != "" {
-			out = append(out, directory.DeviceSession{Device: dev, Session: s})
+			out = append(out, directory.DeviceSession{Device: c.dev, Session: s})
 		}
 	}
 	return out
@@ -78,7 +78,7 @@ func (g *Gateway) Reconnect(dev ident.Device, session string, retryAfter time.Du
 func (g *Gateway) connOf(dev ident.Device, session string) *conn {
 	g.mu.Lock()
 	defer g.mu.Unlock()
-	c := g.conns[dev]
+	c := g.connLocked(dev)
 	if c == nil || g.sessions[c] != session {
 		return nil
 	}

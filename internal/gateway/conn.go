@@ -40,27 +40,27 @@ const (
 	maxPipelined = 64
 )
 
-// conn is one device connection.
+// conn is one device connection. It holds what both transports use; an
+// idle connection on the epoll transport (the default) is this struct
+// alone, so what only one transport needs lives elsewhere: the goroutine
+// transport's in a goConn made with the connection, the epoll
+// transport's state inline (ev), and state that only a busy connection
+// needs (the pipeline's queue, the storage contexts, the ack window) is
+// made on first use or shared by the gateway's connections.
 type conn struct {
 	g   *Gateway
 	dev ident.Device
-	ws  *websocket.Conn
 	id  uint64 // names the connection in logs (see logger)
-
-	ctx    context.Context // cancelled when the connection ends
-	cancel context.CancelFunc
 
 	lastRead atomic.Int64 // unix nanos of the last frame received
 	lastSent atomic.Uint64
 
-	wake chan struct{}        // the mailbox has new entries, or acks opened the window
-	out  chan *pb.ServerFrame // replies and events for the writer
-	hand handoff              // entries handed with their notifications (handoff.go)
+	hand handoff // entries handed with their notifications (handoff.go)
 
 	closeOnce sync.Once
-	closed    chan struct{}
-	closeErr  *pb.Error // nil: the peer went away
+	closing   atomic.Bool // closeWith has run: the connection is closing
 	closeCode websocket.StatusCode
+	closeErr  *pb.Error // nil: the peer went away
 
 	mu sync.Mutex
 	// inflight holds the entries delivered and not yet acked (payloads
@@ -69,56 +69,80 @@ type conn struct {
 	// shrinks: one that held a window would keep its size).
 	inflight map[uint64]*pb.Envelope
 
-	watching []string // guarded by g.mu
+	// watching lists the users whose presence the connection subscribed
+	// to, made by its first subscription; next is the next connection of
+	// the same user in g.users. Both are guarded by g.mu.
+	watching *[]string
+	next     *conn
 
 	pipe pipeline
 
-	// The reader's shared context for storage work (see opContext).
-	opCtx     context.Context
-	opRenew   time.Time
-	opCancels [3]context.CancelFunc // newest first
+	// gr is the goroutine transport's state; nil on the epoll transport.
+	gr *goConn
+
+	// The epoll transport's state (epoll.go); nb is nil on the goroutine
+	// transport, and ev unused.
+	nb *nbws.Conn
+	ev epollState
+}
+
+// goConn is what a connection on the goroutine transport needs besides
+// conn: its socket, the channels between its reader and its writer, and
+// the writer's timer.
+type goConn struct {
+	ws *websocket.Conn
+
+	ctx    context.Context // cancelled when the connection ends
+	cancel context.CancelFunc
+
+	wake   chan struct{}        // the mailbox has new entries, or acks opened the window
+	out    chan *pb.ServerFrame // replies and events for the writer
+	closed chan struct{}        // closed by closeWith
 
 	// wtimer bounds each write (see writeRaw); wexpired records that it
 	// fired.
 	wtimer   *time.Timer
 	wexpired atomic.Bool
 
-	// cc is the goroutine transport's socket, corked while the writer
-	// writes several frames (cork.go); nil if it could not be wrapped.
+	// cc is the socket, corked while the writer writes several frames
+	// (cork.go); nil if it could not be wrapped.
 	cc *corkConn
-
-	// The epoll transport's state (epoll.go); nb is nil on the goroutine
-	// transport.
-	nb *nbws.Conn
-	ev *epollState
 }
 
+// newConn returns a connection of dev, on the gateway's transport: ws is
+// the goroutine transport's socket (nil in tests that drive frames
+// without one); the epoll transport's caller attaches its own.
 func newConn(g *Gateway, dev ident.Device, ws *websocket.Conn) *conn {
-	// On the epoll transport nothing waits on the context (the pump makes
-	// one for each run), so an idle connection does not hold one.
-	ctx, cancel := context.Background(), context.CancelFunc(noCancel)
-	if g.ep == nil {
-		ctx, cancel = context.WithCancel(context.Background())
-	}
 	c := &conn{
-		g:      g,
-		dev:    dev,
-		ws:     ws,
-		id:     connSeq.Add(1),
-		ctx:    ctx,
-		cancel: cancel,
-		closed: make(chan struct{}),
+		g:   g,
+		dev: dev,
+		id:  connSeq.Add(1),
 	}
 	if g.ep == nil {
-		// The goroutine transport's writer; the epoll transport has none.
-		c.wake = make(chan struct{}, 1)
-		c.out = make(chan *pb.ServerFrame, outQueue)
+		// On the epoll transport nothing waits on a context, a channel
+		// or a timer of the connection's own (the pump makes a context
+		// for its mailbox reads, and nbio keeps the write deadline).
+		ctx, cancel := context.WithCancel(context.Background())
+		c.gr = &goConn{
+			ws:     ws,
+			ctx:    ctx,
+			cancel: cancel,
+			wake:   make(chan struct{}, 1),
+			out:    make(chan *pb.ServerFrame, outQueue),
+			closed: make(chan struct{}),
+		}
 	}
 	c.lastRead.Store(time.Now().UnixNano())
 	return c
 }
 
-func noCancel() {}
+// cancel cancels the goroutine transport's context, which ends its reader
+// (no-op on the epoll transport).
+func (c *conn) cancel() {
+	if c.gr != nil {
+		c.gr.cancel()
+	}
+}
 
 // setInflight records env, delivered as seq, as waiting for its ack.
 // c.mu must be held.
@@ -136,12 +160,12 @@ func (c *conn) logger() *slog.Logger {
 }
 
 func (c *conn) poke() {
-	if c.ev != nil {
+	if c.gr == nil {
 		c.pumpPoke()
 		return
 	}
 	select {
-	case c.wake <- struct{}{}:
+	case c.gr.wake <- struct{}{}:
 	default:
 	}
 }
@@ -155,10 +179,14 @@ func (c *conn) closeWith(code pb.ErrorCode, msg string, ws websocket.StatusCode,
 			c.closeErr = &pb.Error{Code: code, Message: msg, RetryAfterMs: retryAfter.Milliseconds()}
 		}
 		c.closeCode = ws
-		close(c.closed)
+		c.closing.Store(true)
+		if c.gr != nil {
+			close(c.gr.closed)
+		}
+		c.pipe.close()
 		now = true
 	})
-	if now && c.ev != nil {
+	if now && c.gr == nil {
 		// The epoll transport has no writer to notice: say why and close
 		// here (nothing in it blocks).
 		c.evFinish()
@@ -167,11 +195,11 @@ func (c *conn) closeWith(code pb.ErrorCode, msg string, ws websocket.StatusCode,
 
 // closeNow cuts the connection off without a close handshake.
 func (c *conn) closeNow() {
-	if c.nb != nil {
+	if c.gr == nil {
 		c.nb.Conn.Close()
 		return
 	}
-	c.ws.CloseNow()
+	c.gr.ws.CloseNow()
 }
 
 // run serves the connection until it ends.
@@ -188,7 +216,6 @@ func (c *conn) run() {
 	// Storage work the device started finishes before the connection is
 	// gone (its replies are dropped), as it did when the reader did it.
 	c.pipe.wait()
-	c.releaseOps()
 	c.cancel()
 	c.logger().Debug("disconnected")
 }
@@ -197,7 +224,7 @@ func (c *conn) run() {
 // dropped: if the writer cannot keep up for WriteTimeout, the device is not
 // reading and the connection is closed.
 func (c *conn) reply(f *pb.ServerFrame) {
-	if c.ev != nil {
+	if c.gr == nil {
 		// Written without blocking (nbio buffers what the socket does not
 		// take; a device that does not read is cut off by the write
 		// deadline). While the pipeline has more frames to finish in its
@@ -213,15 +240,15 @@ func (c *conn) reply(f *pb.ServerFrame) {
 		return
 	}
 	select {
-	case c.out <- f:
+	case c.gr.out <- f:
 		return
 	default:
 	}
 	t := time.NewTimer(c.g.cfg.WriteTimeout)
 	defer t.Stop()
 	select {
-	case c.out <- f:
-	case <-c.closed:
+	case c.gr.out <- f:
+	case <-c.gr.closed:
 	case <-t.C:
 		c.closeWith(pb.ErrorCode_ERROR_CODE_SLOW_CONSUMER, "not reading replies", CloseSlowConsumer, 0)
 	}
@@ -230,12 +257,12 @@ func (c *conn) reply(f *pb.ServerFrame) {
 // event queues an ephemeral frame (presence, typing); it is dropped if the
 // device is not keeping up, since such events are never stored anyway.
 func (c *conn) event(f *pb.ServerFrame) {
-	if c.ev != nil {
+	if c.gr == nil {
 		c.evWriteFrame(f, true)
 		return
 	}
 	select {
-	case c.out <- f:
+	case c.gr.out <- f:
 	default:
 		c.logger().Debug("event dropped: connection not keeping up")
 	}
@@ -266,7 +293,7 @@ func (c *conn) reader() {
 	max := int64(c.g.cfg.MaxFrame)
 	var buf bytes.Buffer
 	for {
-		typ, r, err := c.ws.Reader(c.ctx)
+		typ, r, err := c.gr.ws.Reader(c.gr.ctx)
 		if err != nil {
 			return
 		}
@@ -369,43 +396,59 @@ func (c *conn) handle(f *pb.ClientFrame) {
 }
 
 // opContext returns the context for the storage work of one frame, and a
-// function to call when the work is done. Storage work for a frame is not
-// cut short when the connection drops: an append half-way to durable should
-// finish and be found by the retry. It is bounded by opTimeout: by between
-// two thirds of it and all of it, since a context (and its timer) is shared
-// by the frames of up to opTimeout/3, rather than made for each frame. Only
-// the reader calls it.
+// function to call when the work is done (see opContexts).
 func (c *conn) opContext() (context.Context, context.CancelFunc) {
-	now := time.Now()
-	if c.opCtx == nil || now.After(c.opRenew) {
-		// A context handed out until opRenew may be in use until it
-		// expires, opTimeout after it was made: by the time a third one
-		// replaces this one, the one it pushes out has expired.
-		ctx, cancel := context.WithDeadline(context.WithoutCancel(c.ctx), now.Add(opTimeout))
-		if old := c.opCancels[len(c.opCancels)-1]; old != nil {
-			old()
-		}
-		copy(c.opCancels[1:], c.opCancels[:len(c.opCancels)-1])
-		c.opCancels[0] = cancel
-		c.opCtx, c.opRenew = ctx, now.Add(opTimeout/3)
-	}
-	return c.opCtx, func() {}
+	return c.g.ops.get(time.Now()), func() {}
 }
 
-// releaseOps releases the storage contexts once no frame uses them.
-func (c *conn) releaseOps() {
-	for i, cancel := range c.opCancels {
-		if cancel != nil {
-			cancel()
-			c.opCancels[i] = nil
-		}
+// opContexts hands out the contexts for storage work. Storage work for a
+// frame is not cut short when the connection drops: an append half-way to
+// durable should finish and be found by the retry. It is bounded by
+// opTimeout: by between two thirds of it and all of it, since a context
+// (and its timer) is shared by the frames of up to opTimeout/3, of every
+// connection of the gateway, rather than made for each frame or kept by
+// each connection (an idle connection would hold its last ones, timers
+// included, until it closed).
+type opContexts struct {
+	cur atomic.Pointer[opContext] // the context handed out now
+
+	mu      sync.Mutex            // held to replace cur
+	cancels [3]context.CancelFunc // of the newest contexts, newest first
+}
+
+// opContext is a context for storage work, handed out until renew.
+type opContext struct {
+	ctx   context.Context
+	renew time.Time
+}
+
+// get returns the context for storage work begun at now.
+func (o *opContexts) get(now time.Time) context.Context {
+	if cur := o.cur.Load(); cur != nil && !now.After(cur.renew) {
+		return cur.ctx
 	}
-	c.opCtx = nil
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	if cur := o.cur.Load(); cur != nil && !now.After(cur.renew) {
+		return cur.ctx // replaced meanwhile
+	}
+	// A context handed out until renew may be in use until it expires,
+	// opTimeout after it was made: by the time a third one replaces this
+	// one, the one it pushes out has expired, and cancelling it only
+	// releases what is left of it.
+	ctx, cancel := context.WithDeadline(context.Background(), now.Add(opTimeout))
+	if old := o.cancels[len(o.cancels)-1]; old != nil {
+		old()
+	}
+	copy(o.cancels[1:], o.cancels[:len(o.cancels)-1])
+	o.cancels[0] = cancel
+	o.cur.Store(&opContext{ctx: ctx, renew: now.Add(opTimeout / 3)})
+	return ctx
 }
 
 func (c *conn) handleSend(id uint64, s *pb.Send) {
 	req := delivery.SendRequest{From: c.dev, ClientMsgID: s.ClientMsgId, To: s.To,
-		Group: s.Group, GroupVersion: s.GroupVersion, Payload: s.Payload}
+		Group: s.Group, GroupVersion: s.GroupVersion, Payload: s.Payload, FirstAttempt: s.GetFirstAttempt()}
 	if len(s.Payloads) > 0 {
 		req.Payloads = make([]delivery.Payload, 0, len(s.Payloads))
 	}
@@ -421,12 +464,12 @@ func (c *conn) handleSend(id uint64, s *pb.Send) {
 	// reach each mailbox in the order it sent them; waiting for it to be
 	// durable and answering is left to the pipeline, so that the next send
 	// can be ordered meanwhile and share the fsync.
-	if !c.pipe.acquire(c.closed) {
+	if !c.pipe.acquire() {
 		return
 	}
 	ctx, cancel := c.opContext()
 	p, err := c.g.cfg.Delivery.StartSend(ctx, req)
-	c.pipe.then(func() {
+	c.then(func() {
 		defer cancel()
 		var acc delivery.Accepted
 		if err == nil {
@@ -473,16 +516,16 @@ func (c *conn) handleAck(id uint64, a *pb.Ack) {
 	// Ordered here (the receipts of successive acks keep their order),
 	// finished by the pipeline, like a send, so that replies to sends and
 	// acks come in frame order.
-	if !c.pipe.acquire(c.closed) {
+	if !c.pipe.acquire() {
 		return
 	}
 	if len(acked) == 0 {
-		c.pipe.then(func() { c.replyOk(id) })
+		c.then(func() { c.replyOk(id) })
 		return
 	}
 	ctx, cancel := c.opContext()
 	p, err := c.g.cfg.Delivery.StartAck(ctx, c.dev, acked)
-	c.pipe.then(func() {
+	c.then(func() {
 		defer cancel()
 		if err == nil {
 			err = p.Wait(ctx)
@@ -551,16 +594,24 @@ func (c *conn) handleSubscribe(id uint64, s *pb.Subscribe) {
 	}
 	g := c.g
 	g.mu.Lock()
+	watching := c.watching
+	if watching == nil && len(s.Users) > 0 {
+		watching = new([]string)
+		c.watching = watching
+	}
 	for _, u := range s.Unsubscribe {
+		if watching == nil {
+			break // nothing to unsubscribe from
+		}
 		if set := g.watchers[u]; set != nil {
 			delete(set, c)
 			if len(set) == 0 {
 				delete(g.watchers, u)
 			}
 		}
-		for i, w := range c.watching {
+		for i, w := range *watching {
 			if w == u {
-				c.watching = append(c.watching[:i], c.watching[i+1:]...)
+				*watching = append((*watching)[:i], (*watching)[i+1:]...)
 				break
 			}
 		}
@@ -575,12 +626,12 @@ func (c *conn) handleSubscribe(id uint64, s *pb.Subscribe) {
 		if _, ok := set[c]; ok {
 			continue
 		}
-		if len(c.watching) >= maxWatching {
+		if len(*watching) >= maxWatching {
 			full = true
 			break
 		}
 		set[c] = struct{}{}
-		c.watching = append(c.watching, u)
+		*watching = append(*watching, u)
 	}
 	g.mu.Unlock()
 	if full {
@@ -612,12 +663,12 @@ func (c *conn) writer() {
 	var frame []byte
 	for {
 		select {
-		case f := <-c.out:
+		case f := <-c.gr.out:
 			if !c.writeQueued(f) {
 				return
 			}
 			continue
-		case <-c.closed:
+		case <-c.gr.closed:
 			return
 		default:
 		}
@@ -652,9 +703,9 @@ func (c *conn) writer() {
 			want := min(room, readBatch)
 			c.hand.reading()
 			cfg.Metrics.MailboxReads.Inc()
-			entries, err := cfg.Mailbox.Read(c.ctx, c.dev, c.lastSent.Load(), want)
+			entries, err := cfg.Mailbox.Read(c.gr.ctx, c.dev, c.lastSent.Load(), want)
 			if err != nil {
-				if c.ctx.Err() == nil {
+				if c.gr.ctx.Err() == nil {
 					c.logger().Error("mailbox read", "err", err)
 					c.closeWith(pb.ErrorCode_ERROR_CODE_INTERNAL, "mailbox unavailable; reconnect later", websocket.StatusInternalError, delivery.StorageRetryAfter)
 				}
@@ -696,12 +747,12 @@ func (c *conn) writer() {
 		// Nothing to send, or the window is full: wait for a
 		// notification, or for acks (they poke wake).
 		select {
-		case f := <-c.out:
+		case f := <-c.gr.out:
 			if !c.writeQueued(f) {
 				return
 			}
-		case <-c.wake:
-		case <-c.closed:
+		case <-c.gr.wake:
+		case <-c.gr.closed:
 			return
 		}
 	}
@@ -744,28 +795,29 @@ func (c *conn) delivered(env *pb.Envelope, handed bool) {
 // reason to give.
 func (c *conn) finish() {
 	c.closeWith(0, "", websocket.StatusNormalClosure, 0)
-	if c.cc != nil {
+	gr := c.gr
+	if gr.cc != nil {
 		// Frames held by a writer that stopped half-way go first (best
 		// effort: the connection may be broken).
-		c.cc.flush()
+		gr.cc.flush()
 	}
 	// A device that does not answer the close handshake within closeGrace
 	// is cut off: cancelling the reader's context closes the socket, which
 	// ends the handshake too (it would otherwise wait 5 s for a reader
 	// stuck in the middle of a frame).
-	cut := time.AfterFunc(closeGrace, c.cancel)
+	cut := time.AfterFunc(closeGrace, gr.cancel)
 	defer cut.Stop()
 	if c.closeErr != nil {
 		// Best effort: the device may not be reading.
 		c.write(&pb.ServerFrame{Body: &pb.ServerFrame_Error{Error: c.closeErr}})
 		c.g.cfg.Metrics.FrameErrors.WithLabelValues(c.closeErr.Code.String()).Inc()
-		c.ws.Close(c.closeCode, c.closeErr.Code.String())
+		gr.ws.Close(c.closeCode, c.closeErr.Code.String())
 	} else if c.closeCode == CloseSlowConsumer {
-		c.ws.CloseNow()
+		gr.ws.CloseNow()
 	} else {
-		c.ws.Close(c.closeCode, "")
+		gr.ws.Close(c.closeCode, "")
 	}
-	c.cancel() // unblocks the reader
+	gr.cancel() // unblocks the reader
 }
 
 // writeExpired ends a connection whose write took longer than WriteTimeout.
@@ -773,13 +825,13 @@ func (c *conn) finish() {
 // does that for a context that ends during a read), and CloseNow does when
 // the reader is not reading; either way the write fails.
 func (c *conn) writeExpired() {
-	c.wexpired.Store(true)
-	c.cancel()
-	c.ws.CloseNow()
+	c.gr.wexpired.Store(true)
+	c.gr.cancel()
+	c.gr.ws.CloseNow()
 }
 
 func (c *conn) write(f *pb.ServerFrame) bool {
-	if c.ev != nil {
+	if c.gr == nil {
 		return c.evWriteFrame(f, true)
 	}
 	b, err := proto.Marshal(f)
@@ -792,10 +844,10 @@ func (c *conn) write(f *pb.ServerFrame) bool {
 
 // writeRaw writes one frame, within WriteTimeout (see timedWrite).
 func (c *conn) writeRaw(b []byte) bool {
-	if c.ev != nil {
+	if c.gr == nil {
 		return c.evWrite(b, true)
 	}
-	return c.timedWrite(func() error { return c.ws.Write(context.Background(), websocket.MessageBinary, b) })
+	return c.timedWrite(func() error { return c.gr.ws.Write(context.Background(), websocket.MessageBinary, b) })
 }
 
 // writeQueued writes f and the frames queued after it for the writer (up
@@ -810,7 +862,7 @@ func (c *conn) writeQueued(f *pb.ServerFrame) bool {
 			break
 		}
 		select {
-		case f = <-c.out:
+		case f = <-c.gr.out:
 			continue
 		default:
 		}
@@ -822,17 +874,17 @@ func (c *conn) writeQueued(f *pb.ServerFrame) bool {
 // corkStart holds the writes that follow, until corkFlush (goroutine
 // transport; see cork.go).
 func (c *conn) corkStart() {
-	if c.cc != nil {
-		c.cc.cork()
+	if c.gr.cc != nil {
+		c.gr.cc.cork()
 	}
 }
 
 // corkFlush writes what corkStart held, within WriteTimeout.
 func (c *conn) corkFlush() bool {
-	if c.cc == nil {
+	if c.gr.cc == nil {
 		return true
 	}
-	return c.timedWrite(c.cc.flush)
+	return c.timedWrite(c.gr.cc.flush)
 }
 
 // timedWrite runs write (one write of the WebSocket) within WriteTimeout.
@@ -841,18 +893,19 @@ func (c *conn) corkFlush() bool {
 // WebSocket library does when a write's context expires, close the
 // connection, which fails the write.
 func (c *conn) timedWrite(write func() error) bool {
-	if c.wtimer == nil {
-		c.wtimer = time.AfterFunc(c.g.cfg.WriteTimeout, c.writeExpired)
+	gr := c.gr
+	if gr.wtimer == nil {
+		gr.wtimer = time.AfterFunc(c.g.cfg.WriteTimeout, c.writeExpired)
 	} else {
-		c.wtimer.Reset(c.g.cfg.WriteTimeout)
+		gr.wtimer.Reset(c.g.cfg.WriteTimeout)
 	}
 	err := write()
-	if !c.wtimer.Stop() && err == nil {
+	if !gr.wtimer.Stop() && err == nil {
 		// Fired as the write completed; the connection is being closed.
 		err = errors.New("write timed out")
 	}
 	if err != nil {
-		if c.wexpired.Load() {
+		if gr.wexpired.Load() {
 			c.closeWith(0, "", CloseSlowConsumer, 0)
 			c.logger().Info("slow consumer: write timed out; closing", "timeout", c.g.cfg.WriteTimeout)
 		} else {

@@ -2,14 +2,17 @@ package gateway
 
 import (
 	"bytes"
+	"context"
 	"fmt"
 	"testing"
 	"time"
+	"unsafe"
 
 	"github.com/coder/websocket"
 	"google.golang.org/protobuf/encoding/protowire"
 	"google.golang.org/protobuf/proto"
 
+	"github.com/courier-im/courier/internal/ident"
 	pb "github.com/courier-im/courier/proto/courier/v1"
 )
 
@@ -34,7 +37,7 @@ func TestCostlyFramesRefusedCheaply(t *testing.T) {
 	if d := time.Since(start); d > 2*time.Second {
 		t.Errorf("unsubscribing 200000 names on a connection watching 1024 took %v", d)
 	}
-	if r := <-watching.out; r.GetError().GetCode() != pb.ErrorCode_ERROR_CODE_MALFORMED || r.Id != 1 {
+	if r := <-watching.gr.out; r.GetError().GetCode() != pb.ErrorCode_ERROR_CODE_MALFORMED || r.Id != 1 {
 		t.Errorf("unsubscribe 200000: %v", r)
 	}
 	fx.g.unregister(watching)
@@ -70,17 +73,103 @@ func (fx *frameFixture) watcher(t *testing.T, users []string) *conn {
 		}
 	}
 	c := newConn(fx.g, fx.alice, nil)
-	c.out = make(chan *pb.ServerFrame, 4*maxWatching)
+	c.gr.out = make(chan *pb.ServerFrame, 4*maxWatching)
 	fx.g.register(c)
 	sub, _ := proto.Marshal(&pb.ClientFrame{Id: 100, Body: &pb.ClientFrame_Subscribe{Subscribe: &pb.Subscribe{Users: users}}})
 	c.frame(websocket.MessageBinary, sub)
 	for range users {
-		if p := <-c.out; p.GetPresence() == nil {
+		if p := <-c.gr.out; p.GetPresence() == nil {
 			t.Fatalf("subscribe: %v", p)
 		}
 	}
-	if r := <-c.out; r.GetOk() == nil || len(c.watching) != len(users) {
-		t.Fatalf("subscribe: %v, watching %d", r, len(c.watching))
+	if r := <-c.gr.out; r.GetOk() == nil || len(*c.watching) != len(users) {
+		t.Fatalf("subscribe: %v, watching %d", r, len(*c.watching))
 	}
 	return c
+}
+
+// The gateway keeps a user's connections in one chain (Gateway.users): a
+// device's connection is found in it, replaced in place when the device
+// connects again, and removed from any place; the user is online while
+// one is left, and typing reaches each of them and no one else.
+func TestConnectionsOfAUser(t *testing.T) {
+	fx := newFrameFixture(t)
+	defer fx.close()
+	g := fx.g
+	ctx := context.Background()
+	alice := func(id uint32) ident.Device { return ident.Device{User: "alice", ID: id} }
+	connect := func(dev ident.Device) *conn {
+		c := newConn(g, dev, nil)
+		if !g.register(c) {
+			t.Fatal("gateway closed")
+		}
+		return c
+	}
+	check := func(step string, want map[uint32]*conn) {
+		t.Helper()
+		g.mu.Lock()
+		for id, c := range map[uint32]*conn{1: nil, 2: nil, 3: nil} {
+			if w := want[id]; w != nil {
+				c = w
+			}
+			if got := g.connLocked(alice(id)); got != c {
+				t.Errorf("%s: alice.%d has connection %p, want %p", step, id, got, c)
+			}
+		}
+		g.mu.Unlock()
+		if got := g.Connections(); got != len(want)+1 { // bob's too
+			t.Errorf("%s: %d connections, want %d", step, got, len(want)+1)
+		}
+		p, err := g.presenceOf(ctx, "alice")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if p.Online != (len(want) > 0) {
+			t.Errorf("%s: alice online %v with %d connections", step, p.Online, len(want))
+		}
+	}
+	bob := connect(ident.Device{User: "bob", ID: 1})
+	defer g.unregister(bob)
+	c1, c2, c3 := connect(alice(1)), connect(alice(2)), connect(alice(3))
+	check("three devices", map[uint32]*conn{1: c1, 2: c2, 3: c3})
+
+	g.typing(bob.dev, "alice", true)
+	for _, c := range []*conn{c1, c2, c3} {
+		if len(c.gr.out) != 1 || (<-c.gr.out).GetTyping() == nil {
+			t.Errorf("alice.%d did not get bob's typing once", c.dev.ID)
+		}
+	}
+	if len(bob.gr.out) != 0 {
+		t.Error("typing to alice reached bob")
+	}
+
+	c2b := connect(alice(2)) // in the middle of the chain
+	if !c2.closing.Load() {
+		t.Error("the superseded connection of alice.2 is not closing")
+	}
+	check("alice.2 again", map[uint32]*conn{1: c1, 2: c2b, 3: c3})
+	g.unregister(c2) // superseded: changes nothing
+	check("superseded one gone", map[uint32]*conn{1: c1, 2: c2b, 3: c3})
+	g.unregister(c2b)
+	check("alice.2 gone", map[uint32]*conn{1: c1, 3: c3})
+	g.unregister(c3)
+	check("alice.3 gone", map[uint32]*conn{1: c1})
+	g.unregister(c1)
+	check("all gone", nil)
+	g.mu.Lock()
+	if _, ok := g.users["alice"]; ok {
+		t.Error("a user with no connection is still in the map")
+	}
+	g.mu.Unlock()
+}
+
+// An idle connection on the epoll transport is its conn alone (plus
+// nbio's state): keep it within the 320-byte allocation size class.
+func TestConnSize(t *testing.T) {
+	if unsafe.Sizeof(uintptr(0)) != 8 {
+		t.Skip("sizes are for 64-bit platforms")
+	}
+	if n := unsafe.Sizeof(conn{}); n > 320 {
+		t.Errorf("conn is %d bytes, more than 320: an idle connection takes the next size class", n)
+	}
 }

@@ -17,6 +17,7 @@ import (
 	"github.com/lesismal/nbio/nbhttp"
 	nbws "github.com/lesismal/nbio/nbhttp/websocket"
 
+	"github.com/courier-im/courier/internal/auth"
 	"github.com/courier-im/courier/internal/delivery"
 	"github.com/courier-im/courier/internal/ident"
 	pb "github.com/courier-im/courier/proto/courier/v1"
@@ -71,22 +72,33 @@ type epoll struct {
 	locks [64]sync.Mutex
 }
 
-// epollState is a connection's state on the epoll transport.
+// epollState is a connection's state on the epoll transport, held in its
+// conn (ev). The source address admit counted is not kept: it is the
+// socket's remote address, which nbio keeps anyway (see sourceAddr).
 type epollState struct {
-	addr string // source address counted by admit
-
-	// pump: 0 idle, 1 running, 2 running and poked again.
-	pump    atomic.Int32
-	synced  bool   // Synced has been sent (pump only)
-	pending uint64 // entries sent before Synced (pump only)
-
-	ready   atomic.Bool // Hello sent and registered: frames are handled
-	discard atomic.Bool // closing: input is no longer parsed
-	scan    frameScan   // frame headers seen by onData (pollers only)
-	ended   atomic.Bool // evEnd has run
+	scan    frameScan // frame headers seen by onData (pollers only)
+	pending uint64    // entries sent before Synced (pump only)
 
 	evBatch // frames waiting to be written (evwrite.go)
+
+	// pump: 0 idle, 1 running, 2 running and poked again.
+	pump   atomic.Int32
+	flags  atomic.Uint32 // evReady, evDiscard, evEnded: each set once, never cleared
+	synced bool          // Synced has been sent (pump only)
 }
+
+// Flags of epollState.
+const (
+	evReady   = 1 << iota // Hello sent and registered: frames are handled
+	evDiscard             // closing: input is no longer parsed
+	evEnded               // evEnd has run
+)
+
+// has reports whether flag f is set.
+func (s *epollState) has(f uint32) bool { return s.flags.Load()&f != 0 }
+
+// set sets flag f and reports whether it was set already.
+func (s *epollState) set(f uint32) (was bool) { return s.flags.Or(f)&f != 0 }
 
 func newEpoll(g *Gateway) (*epoll, error) {
 	// nbio logs to stdout at Info by default; courier logs with slog.
@@ -121,7 +133,7 @@ func newEpoll(g *Gateway) (*epoll, error) {
 	up.MessageLengthLimit = g.cfg.MaxFrame
 	up.OnMessage(func(wsc *nbws.Conn, typ nbws.MessageType, data []byte) {
 		c := e.sessionConn(wsc)
-		if c == nil || !c.ev.awaitReady() || c.ev.discard.Load() {
+		if c == nil || !c.ev.awaitReady() || c.ev.has(evDiscard) {
 			return
 		}
 		c.lastRead.Store(time.Now().UnixNano())
@@ -135,7 +147,7 @@ func newEpoll(g *Gateway) (*epoll, error) {
 	})
 	up.OnClose(func(wsc *nbws.Conn, err error) {
 		// Before it is ready, accept ends the connection itself.
-		if c := e.connOf(wsc); c != nil && c.ev.ready.Load() {
+		if c := e.connOf(wsc); c != nil && c.ev.has(evReady) {
 			c.evEnd(err)
 		}
 	})
@@ -188,10 +200,10 @@ func (e *epoll) connOf(wsc *nbws.Conn) *conn {
 }
 
 // accept upgrades the request of dev (authenticated, registered in the
-// cluster's directory as session, admitted from addr) and hands the
-// connection to the event loop. It reports whether it did: if so, the
-// connection releases addr when it ends.
-func (e *epoll) accept(w http.ResponseWriter, r *http.Request, dev ident.Device, session, addr string) bool {
+// cluster's directory as session, admitted from its source address) and
+// hands the connection to the event loop. It reports whether it did: if
+// so, the connection releases its address when it ends (see sourceAddr).
+func (e *epoll) accept(w http.ResponseWriter, r *http.Request, dev ident.Device, session string) bool {
 	g := e.g
 	wsc, err := e.up.UpgradeAndTransferConnToPoller(w, r, nil)
 	if err != nil {
@@ -213,8 +225,6 @@ func (e *epoll) accept(w http.ResponseWriter, r *http.Request, dev ident.Device,
 	dev.User = strings.Clone(dev.User)
 	c := newConn(g, dev, nil)
 	c.nb = wsc
-	c.ev = &epollState{addr: addr}
-	c.pipe.flush = c.evFlush
 	// From here on the pollers parse its input (onData); frames wait for
 	// ready.
 	e.setConn(wsc, c)
@@ -225,14 +235,14 @@ func (e *epoll) accept(w http.ResponseWriter, r *http.Request, dev ident.Device,
 		MaxPayloadBytes: uint32(g.cfg.Delivery.MaxPayload()),
 		MaxFrameBytes:   uint32(g.cfg.MaxFrame),
 	}}}) {
-		c.ev.discard.Store(true)
+		c.ev.set(evDiscard)
 		g.cfg.Metrics.Connects.WithLabelValues("handshake_failed").Inc()
 		g.clusterUnregister(dev, session)
 		nbc.Close()
 		return false
 	}
 	if !g.registerSession(c, session) {
-		c.ev.discard.Store(true)
+		c.ev.set(evDiscard)
 		g.cfg.Metrics.Connects.WithLabelValues("shutting_down").Inc()
 		g.clusterUnregister(dev, session)
 		wsc.WriteClose(int(websocket.StatusGoingAway), "shutting down")
@@ -244,7 +254,7 @@ func (e *epoll) accept(w http.ResponseWriter, r *http.Request, dev ident.Device,
 	c.logger().Debug("connected", "transport", TransportEpoll)
 	// From here on frames are handled and OnClose ends the connection; if
 	// it closed before, end it here (evEnd runs once).
-	c.ev.ready.Store(true)
+	c.ev.set(evReady)
 	if closed, _ := nbc.IsClosed(); closed {
 		c.evEnd(nil)
 		return true
@@ -272,8 +282,8 @@ func (e *epoll) sessionConn(wsc *nbws.Conn) *conn {
 // awaitReady waits for accept to have sent Hello and registered the
 // connection, and reports whether it did.
 func (s *epollState) awaitReady() bool {
-	for i := 0; !s.ready.Load(); i++ {
-		if i == 1000 || s.discard.Load() {
+	for i := 0; !s.has(evReady); i++ {
+		if i == 1000 || s.has(evDiscard) {
 			return false
 		}
 		time.Sleep(time.Millisecond)
@@ -285,7 +295,7 @@ func (s *epollState) awaitReady() bool {
 // byte after the handshake, so frameScan follows the frames from the
 // first.
 func (c *conn) onData(data []byte) {
-	if c.ev.discard.Load() {
+	if c.ev.has(evDiscard) {
 		return
 	}
 	// nbio would refuse a message over the limit itself, but with its own
@@ -309,7 +319,7 @@ func (c *conn) onData(data []byte) {
 	if errors.Is(err, nbws.ErrMessageTooLarge) {
 		// Stop parsing now, and close after the frames before this one
 		// (the same job queue keeps them in order).
-		c.ev.discard.Store(true)
+		c.ev.set(evDiscard)
 		c.g.cfg.Metrics.FrameErrors.WithLabelValues(pb.ErrorCode_ERROR_CODE_FRAME_TOO_LARGE.String()).Inc()
 		if !c.nb.Execute(func() {
 			c.closeWith(pb.ErrorCode_ERROR_CODE_FRAME_TOO_LARGE, "frame larger than the limit", websocket.StatusMessageTooBig, 0)
@@ -341,14 +351,14 @@ func (c *conn) evFinish() {
 		c.evFlush()
 		c.nb.WriteClose(int(c.closeCode), "")
 	}
-	c.ev.discard.Store(true)
+	c.ev.set(evDiscard)
 	nbc.SetReadDeadline(time.Now().Add(closeGrace))
 }
 
 // evEnd forgets a connection that has closed (once): what the goroutine
 // transport does when run returns.
 func (c *conn) evEnd(err error) {
-	if !c.ev.ended.CompareAndSwap(false, true) {
+	if c.ev.set(evEnded) {
 		return
 	}
 	switch {
@@ -361,13 +371,44 @@ func (c *conn) evEnd(err error) {
 	// Storage work the device started finishes before the connection is
 	// gone (its replies are dropped).
 	c.pipe.wait()
-	c.releaseOps()
 	c.cancel()
 	c.logger().Debug("disconnected")
 	g := c.g
 	g.cfg.Metrics.Connections.Dec()
 	g.unregister(c)
-	g.release(c.ev.addr)
+	g.release(c.sourceAddr())
+}
+
+// readContext is a context for mailbox reads made on first use.
+type readContext struct {
+	ctx    context.Context
+	cancel context.CancelFunc
+}
+
+func (r *readContext) get() context.Context {
+	if r.ctx == nil {
+		r.ctx, r.cancel = context.WithTimeout(context.Background(), opTimeout)
+	}
+	return r.ctx
+}
+
+func (r *readContext) release() {
+	if r.cancel != nil {
+		r.cancel()
+	}
+}
+
+// sourceAddr returns the source address the connection was admitted from
+// (auth.SourceAddr of the request's RemoteAddr), for release: the
+// request's RemoteAddr is the socket's remote address, which nbio keeps
+// (forwarding headers are not trusted, and only a plain TCP socket is
+// moved to the event loop), so the connection need not keep a copy. With
+// no cap per address, release does not look at it.
+func (c *conn) sourceAddr() string {
+	if c.g.cfg.MaxConnsPerAddr <= 0 {
+		return ""
+	}
+	return auth.SourceAddr(c.nb.Conn.RemoteAddr().String())
 }
 
 // pumpPoke makes the pump run (again) soon.
@@ -393,17 +434,11 @@ func (c *conn) pumpPoke() {
 // no more, then returns; a poke while it runs makes it go round again.
 func (c *conn) pump() {
 	for {
-		select {
-		case <-c.closed:
+		if c.closing.Load() {
 			c.ev.pump.Store(0)
 			return
-		default:
 		}
-		// Bounds the mailbox reads of one window's worth (at most
-		// Window/readBatch reads); made here, not kept.
-		ctx, cancel := context.WithTimeout(context.Background(), opTimeout)
-		more := c.sendPending(ctx)
-		cancel()
+		more := c.sendPending()
 		if !more {
 			c.ev.pump.Store(0)
 			return
@@ -419,8 +454,14 @@ func (c *conn) pump() {
 // by their appends (handoff.go) and of the mailbox past lastSent, and
 // Synced once the pending entries are out. It returns false if the
 // connection is closing.
-func (c *conn) sendPending(ctx context.Context) bool {
+func (c *conn) sendPending() bool {
 	cfg := &c.g.cfg
+	// The context bounding the mailbox reads of one window's worth (at
+	// most Window/readBatch reads) is made on the first read only: most
+	// runs send handed entries and read nothing, and a context with a
+	// deadline costs three allocations and a timer.
+	var rctx readContext
+	defer rctx.release()
 	for {
 		c.mu.Lock()
 		room := cfg.Window - len(c.inflight)
@@ -447,11 +488,9 @@ func (c *conn) sendPending(ctx context.Context) bool {
 		want := min(room, readBatch)
 		c.hand.reading()
 		cfg.Metrics.MailboxReads.Inc()
-		entries, err := cfg.Mailbox.Read(ctx, c.dev, c.lastSent.Load(), want)
+		entries, err := cfg.Mailbox.Read(rctx.get(), c.dev, c.lastSent.Load(), want)
 		if err != nil {
-			select {
-			case <-c.closed:
-			default:
+			if !c.closing.Load() {
 				c.logger().Error("mailbox read", "err", err)
 				c.closeWith(pb.ErrorCode_ERROR_CODE_INTERNAL, "mailbox unavailable; reconnect later", websocket.StatusInternalError, delivery.StorageRetryAfter)
 			}

@@ -67,7 +67,7 @@ func deliverSize(seq uint64, n int) int {
 // lockBatch locks the connection's batch and returns its buffer, taking
 // one from the pool if none is waiting.
 func (c *conn) lockBatch() *[]byte {
-	s := c.ev
+	s := &c.ev
 	s.wmu.Lock()
 	if s.buf == nil {
 		s.buf = batchPool.Get().(*[]byte)
@@ -79,7 +79,7 @@ func (c *conn) lockBatch() *[]byte {
 // flush is set or it has grown to flushAt. It reports false if the write
 // failed (the connection is then closing).
 func (c *conn) unlockBatch(flush bool) bool {
-	s := c.ev
+	s := &c.ev
 	if !flush && len(*s.buf) < flushAt {
 		s.wmu.Unlock()
 		return true
@@ -98,7 +98,7 @@ func (c *conn) unlockBatch(flush bool) bool {
 // socket takes it, the rest by the event loop within WriteTimeout (a
 // device that does not read is cut off when it passes).
 func (c *conn) writeBatchLocked() error {
-	s := c.ev
+	s := &c.ev
 	b := s.buf
 	s.buf = nil
 	if b == nil {

@@ -244,18 +244,23 @@ func TestCorkWriterAccept(t *testing.T) {
 func TestPipelineRunsHoldRepliesAndFlush(t *testing.T) {
 	var p pipeline
 	flushes := 0
-	p.flush = func() bool { flushes++; return true }
+	flush := func() bool { flushes++; return true }
+	then := func(fn func()) {
+		if p.then(fn) {
+			go p.run(flush)
+		}
+	}
 	block := make(chan struct{})
-	if !p.acquire(nil) {
+	if !p.acquire() {
 		t.Fatal("acquire failed")
 	}
-	p.then(func() { <-block })
+	then(func() { <-block })
 	var mores []bool
 	for range 3 {
-		if !p.acquire(nil) {
+		if !p.acquire() {
 			t.Fatal("acquire failed")
 		}
-		p.then(func() { mores = append(mores, p.more.Load()) })
+		then(func() { mores = append(mores, p.more.Load()) })
 	}
 	close(block)
 	p.wait()
@@ -266,8 +271,8 @@ func TestPipelineRunsHoldRepliesAndFlush(t *testing.T) {
 		t.Errorf("%d flushes, want 1 (after the run of 3)", flushes)
 	}
 	// A run of one tail writes its reply at once: no flush needed.
-	p.acquire(nil)
-	p.then(func() { mores = append(mores, p.more.Load()) })
+	p.acquire()
+	then(func() { mores = append(mores, p.more.Load()) })
 	p.wait()
 	if mores[len(mores)-1] || flushes != 1 {
 		t.Errorf("single tail: more %v, flushes %d", mores[len(mores)-1], flushes)
@@ -306,11 +311,11 @@ func TestWriteQueuedWritesEveryFrame(t *testing.T) {
 	}
 	defer ws.CloseNow()
 	c := newConn(fx.g, fx.alice, ws)
-	c.cc = cc
+	c.gr.cc = cc
 	const n = 3*outQueue + 5
-	c.out = make(chan *pb.ServerFrame, n)
+	c.gr.out = make(chan *pb.ServerFrame, n)
 	for i := 2; i <= n; i++ {
-		c.out <- &pb.ServerFrame{Id: uint64(i), Body: &pb.ServerFrame_Ok{Ok: &pb.Ok{}}}
+		c.gr.out <- &pb.ServerFrame{Id: uint64(i), Body: &pb.ServerFrame_Ok{Ok: &pb.Ok{}}}
 	}
 	go func() {
 		for first := (&pb.ServerFrame{Id: 1, Body: &pb.ServerFrame_Ok{Ok: &pb.Ok{}}}); ; {
@@ -319,7 +324,7 @@ func TestWriteQueuedWritesEveryFrame(t *testing.T) {
 				return
 			}
 			select {
-			case first = <-c.out:
+			case first = <-c.gr.out:
 			default:
 				return
 			}

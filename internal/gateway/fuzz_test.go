@@ -95,7 +95,7 @@ func (fx *frameFixture) run(tb testing.TB, typ websocket.MessageType, data []byt
 	// Room for every frame one client frame can cause (a Subscribe of
 	// 1024 users answers with 1024 Presence frames), so that nothing needs
 	// to drain the queue while the frame is handled.
-	c.out = make(chan *pb.ServerFrame, 4*maxWatching)
+	c.gr.out = make(chan *pb.ServerFrame, 4*maxWatching)
 	if !fx.g.register(c) {
 		tb.Fatal("gateway closed")
 	}
@@ -117,16 +117,10 @@ func (fx *frameFixture) run(tb testing.TB, typ websocket.MessageType, data []byt
 	fx.g.unregister(c)
 	c.cancel()
 	var out []*pb.ServerFrame
-	for len(c.out) > 0 {
-		out = append(out, <-c.out)
+	for len(c.gr.out) > 0 {
+		out = append(out, <-c.gr.out)
 	}
-	closed := false
-	select {
-	case <-c.closed:
-		closed = true
-	default:
-	}
-	return out, closed
+	return out, c.closing.Load()
 }
 
 // checkFrameReplies checks what the protocol promises about the replies to

@@ -17,6 +17,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"iter"
 	"log/slog"
 	"math/rand/v2"
 	"net/http"
@@ -110,10 +111,13 @@ type Gateway struct {
 	cfg Config
 	log *slog.Logger
 
-	mu       sync.Mutex
-	conns    map[ident.Device]*conn
+	mu sync.Mutex
+	// users holds the connections, by user: the first of each user's
+	// connections, which chains the others (conn.next). One entry per
+	// user, rather than one per device and a count of devices per user.
+	users    map[string]*conn
+	nconns   int                           // connections in users
 	sessions map[*conn]string              // connection -> session id (with Cluster)
-	online   map[string]int                // user -> connected devices
 	watchers map[string]map[*conn]struct{} // user -> subscribers of its presence
 	addrs    map[string]int                // source address -> connections (with MaxConnsPerAddr)
 	closing  bool
@@ -125,6 +129,8 @@ type Gateway struct {
 	stopOnce sync.Once
 
 	seen *seenWriter // last-seen times of users gone offline, written in batches
+
+	ops opContexts // contexts for the connections' storage work (conn.go)
 
 	load *admission // admission control (admission.go)
 }
@@ -167,9 +173,8 @@ func Open(cfg Config) (*Gateway, error) {
 		load:     load,
 		cfg:      cfg,
 		log:      cfg.Logger,
-		conns:    map[ident.Device]*conn{},
+		users:    map[string]*conn{},
 		sessions: map[*conn]string{},
-		online:   map[string]int{},
 		watchers: map[string]map[*conn]struct{}{},
 		addrs:    map[string]int{},
 		stop:     make(chan struct{}),
@@ -193,11 +198,35 @@ func Open(cfg Config) (*Gateway, error) {
 	return g, nil
 }
 
+// connLocked returns the connection of dev, nil if none. g.mu must be
+// held.
+func (g *Gateway) connLocked(dev ident.Device) *conn {
+	for c := g.users[dev.User]; c != nil; c = c.next {
+		if c.dev.ID == dev.ID {
+			return c
+		}
+	}
+	return nil
+}
+
+// connsLocked yields every connection. g.mu must be held.
+func (g *Gateway) connsLocked() iter.Seq[*conn] {
+	return func(yield func(*conn) bool) {
+		for _, c := range g.users {
+			for ; c != nil; c = c.next {
+				if !yield(c) {
+					return
+				}
+			}
+		}
+	}
+}
+
 // Notify tells the connection of dev, if any, that its mailbox has new
 // entries. It never blocks.
 func (g *Gateway) Notify(dev ident.Device) {
 	g.mu.Lock()
-	c := g.conns[dev]
+	c := g.connLocked(dev)
 	g.mu.Unlock()
 	if c != nil {
 		c.hand.markStale()
@@ -209,7 +238,7 @@ func (g *Gateway) Notify(dev ident.Device) {
 func (g *Gateway) Connections() int {
 	g.mu.Lock()
 	defer g.mu.Unlock()
-	return len(g.conns)
+	return g.nconns
 }
 
 // AddrRetryAfter is the retry delay given to a source address that has
@@ -289,7 +318,7 @@ func (g *Gateway) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		}
 	}
 	if g.ep != nil {
-		handedOver = g.ep.accept(w, r, dev, session, addr)
+		handedOver = g.ep.accept(w, r, dev, session)
 		return
 	}
 	// The socket is wrapped so that the writer can write several frames
@@ -305,7 +334,7 @@ func (g *Gateway) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	ws.SetReadLimit(-1)
 	c := newConn(g, dev, ws)
 	if cw.cc.Conn != nil {
-		c.cc = cw.cc
+		c.gr.cc = cw.cc
 	}
 	if !g.registerSession(c, session) {
 		g.cfg.Metrics.Connects.WithLabelValues("shutting_down").Inc()
@@ -372,15 +401,19 @@ func (g *Gateway) registerSession(c *conn, session string) bool {
 		return false
 	}
 	g.wg.Add(1)
-	old := g.conns[c.dev]
-	g.conns[c.dev] = c
+	head := g.users[c.dev.User]
+	old := g.connLocked(c.dev)
+	if old == nil {
+		c.next = head
+		g.users[c.dev.User] = c
+		g.nconns++
+	} else {
+		g.replaceLocked(old, c)
+	}
 	if session != "" {
 		g.sessions[c] = session
 	}
-	if old == nil {
-		g.online[c.dev.User]++
-	}
-	cameOnline := old == nil && g.online[c.dev.User] == 1
+	cameOnline := head == nil
 	g.mu.Unlock()
 	if old != nil {
 		g.log.Info("device connected again; closing the older connection", "device", c.dev)
@@ -410,28 +443,64 @@ func (g *Gateway) clusterUnregister(dev ident.Device, session string) bool {
 	return off
 }
 
+// replaceLocked puts c in the place of old, a connection of the same
+// device, in g.users. g.mu must be held.
+func (g *Gateway) replaceLocked(old, c *conn) {
+	c.next, old.next = old.next, nil
+	head := g.users[c.dev.User]
+	if head == old {
+		g.users[c.dev.User] = c
+		return
+	}
+	for p := head; p != nil; p = p.next {
+		if p.next == old {
+			p.next = c
+			return
+		}
+	}
+}
+
+// removeLocked takes c out of g.users, if it is there, and reports
+// whether it was, and whether it was the user's last connection. g.mu
+// must be held.
+func (g *Gateway) removeLocked(c *conn) (removed, last bool) {
+	head := g.users[c.dev.User]
+	if head == c {
+		if c.next == nil {
+			delete(g.users, c.dev.User)
+		} else {
+			g.users[c.dev.User] = c.next
+		}
+		c.next = nil
+		g.nconns--
+		return true, g.users[c.dev.User] == nil
+	}
+	for p := head; p != nil; p = p.next {
+		if p.next == c {
+			p.next, c.next = c.next, nil
+			g.nconns--
+			return true, false
+		}
+	}
+	return false, false
+}
+
 func (g *Gateway) unregister(c *conn) {
 	defer g.wg.Done()
 	g.mu.Lock()
-	for _, users := range c.watching {
-		if set := g.watchers[users]; set != nil {
-			delete(set, c)
-			if len(set) == 0 {
-				delete(g.watchers, users)
+	if c.watching != nil {
+		for _, users := range *c.watching {
+			if set := g.watchers[users]; set != nil {
+				delete(set, c)
+				if len(set) == 0 {
+					delete(g.watchers, users)
+				}
 			}
 		}
 	}
 	session := g.sessions[c]
 	delete(g.sessions, c)
-	wentOffline := false
-	if g.conns[c.dev] == c {
-		delete(g.conns, c.dev)
-		g.online[c.dev.User]--
-		if g.online[c.dev.User] == 0 {
-			delete(g.online, c.dev.User)
-			wentOffline = true
-		}
-	}
+	_, wentOffline := g.removeLocked(c)
 	g.mu.Unlock()
 	if g.cfg.Cluster != nil {
 		// The directory knows whether the user is still connected through
@@ -467,7 +536,7 @@ func (g *Gateway) presenceOf(ctx context.Context, user string) (*pb.Presence, er
 		return g.clusterPresence(ctx, user)
 	}
 	g.mu.Lock()
-	online := g.online[user] > 0
+	online := g.users[user] != nil
 	g.mu.Unlock()
 	if online {
 		return &pb.Presence{User: user, Online: true}, nil
@@ -530,10 +599,8 @@ func (g *Gateway) localTyping(from ident.Device, to string, typing bool) {
 	ev := &pb.ServerFrame{Body: &pb.ServerFrame_Typing{Typing: &pb.TypingEvent{From: from.User, FromDevice: from.ID, Typing: typing}}}
 	g.mu.Lock()
 	var targets []*conn
-	for dev, c := range g.conns {
-		if dev.User == to {
-			targets = append(targets, c)
-		}
+	for c := g.users[to]; c != nil; c = c.next {
+		targets = append(targets, c)
 	}
 	g.mu.Unlock()
 	for _, c := range targets {
@@ -554,7 +621,7 @@ func (g *Gateway) idleSweeper() {
 			limit := now.Add(-g.cfg.IdleTimeout).UnixNano()
 			g.mu.Lock()
 			var idle []*conn
-			for _, c := range g.conns {
+			for c := range g.connsLocked() {
 				if c.lastRead.Load() < limit {
 					idle = append(idle, c)
 				}
@@ -578,8 +645,8 @@ func (g *Gateway) Shutdown(ctx context.Context) error {
 		g.closing = true
 		close(g.stop)
 	}
-	conns := make([]*conn, 0, len(g.conns))
-	for _, c := range g.conns {
+	conns := make([]*conn, 0, g.nconns)
+	for c := range g.connsLocked() {
 		conns = append(conns, c)
 	}
 	g.mu.Unlock()
@@ -594,7 +661,7 @@ func (g *Gateway) Shutdown(ctx context.Context) error {
 	case <-ctx.Done():
 		err = ctx.Err()
 		g.mu.Lock()
-		for _, c := range g.conns {
+		for c := range g.connsLocked() {
 			c.closeNow()
 		}
 		g.mu.Unlock()

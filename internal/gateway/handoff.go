@@ -190,7 +190,7 @@ func (h *handoff) usable(hs []delivery.StoredEntry, lastSent uint64, room int) (
 // entry to dev's connection (handoff.go). It never blocks.
 func (g *Gateway) NotifyEntry(dev ident.Device, e delivery.StoredEntry) {
 	g.mu.Lock()
-	c := g.conns[dev]
+	c := g.connLocked(dev)
 	g.mu.Unlock()
 	if c != nil {
 		c.hand.hand(e)

@@ -3,7 +3,9 @@ package gateway
 import (
 	"context"
 	"fmt"
+	"runtime"
 	"testing"
+	"time"
 
 	"github.com/coder/websocket"
 	"google.golang.org/protobuf/proto"
@@ -23,7 +25,7 @@ func TestPipelinedSendsKeepOrder(t *testing.T) {
 	defer fx.close()
 	c := newConn(fx.g, fx.alice, nil)
 	const n = 3 * maxPipelined // more than fit: the reader must wait for room
-	c.out = make(chan *pb.ServerFrame, n+16)
+	c.gr.out = make(chan *pb.ServerFrame, n+16)
 	if !fx.g.register(c) {
 		t.Fatal("gateway closed")
 	}
@@ -60,7 +62,7 @@ func TestPipelinedSendsKeepOrder(t *testing.T) {
 	c.pipe.wait()
 	<-done
 	for i := range n {
-		r := <-c.out
+		r := <-c.gr.out
 		if r.Id != uint64(i+1) {
 			t.Fatalf("reply %d has id %d: replies out of frame order", i+1, r.Id)
 		}
@@ -106,4 +108,54 @@ func sendFrom(dev ident.Device, id string) delivery.SendRequest {
 		{Device: ident.Device{User: "alice", ID: 1}, Data: []byte("hi")},
 		{Device: ident.Device{User: "alice", ID: 2}, Data: []byte("hi")},
 	}}
+}
+
+// acquire waits while maxPipelined frames are in the pipeline, takes the
+// place a finished tail frees, and gives up once the connection closes,
+// whether it was waiting then or comes later.
+func TestPipelineAcquireWaitsAndGivesUpOnClose(t *testing.T) {
+	var p pipeline
+	for range maxPipelined {
+		if !p.acquire() {
+			t.Fatal("acquire failed with room in the pipeline")
+		}
+	}
+	got := make(chan bool, 1)
+	go func() { got <- p.acquire() }()
+	// The waiter has reached its wait once the condition variable exists.
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		p.mu.Lock()
+		waiting := p.cond != nil
+		p.mu.Unlock()
+		if waiting {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("acquire did not wait with the pipeline full")
+		}
+		runtime.Gosched()
+	}
+	select {
+	case ok := <-got:
+		t.Fatalf("acquire returned %v with the pipeline full", ok)
+	default:
+	}
+	// One tail finishes: its place goes to the waiter.
+	if p.then(func() {}) {
+		go p.run(nil)
+	}
+	if !<-got {
+		t.Fatal("acquire gave up although a place was freed")
+	}
+	p.wait()
+	// Full again: a waiter gives up when the connection closes.
+	go func() { got <- p.acquire() }()
+	p.close()
+	if <-got {
+		t.Fatal("acquire took a place in a closed pipeline")
+	}
+	if p.acquire() {
+		t.Fatal("acquire after close took a place")
+	}
 }
