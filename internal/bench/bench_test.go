@@ -49,6 +49,7 @@ func testServe(args []string) error {
 	data := fs.String("data", "", "")
 	transport := fs.String("transport", "", "")
 	maxMembers := fs.Int("max-group-members", 0, "")
+	watermark := fs.Float64("admit-watermark", 0, "")
 	fs.Bool("log-json", false, "")
 	if len(args) == 0 || args[0] != "serve" {
 		return fmt.Errorf("want serve, got %q", args)
@@ -58,7 +59,7 @@ func testServe(args []string) error {
 	}
 	log := slog.New(slog.NewJSONHandler(os.Stderr, nil))
 	srv, err := server.New(server.Config{Addr: *addr, DataDir: *data, Logger: log, MinFreeBytes: 1, Transport: *transport,
-		MaxGroupMembers: *maxMembers})
+		MaxGroupMembers: *maxMembers, AdmitWatermark: *watermark})
 	if err != nil {
 		return err
 	}

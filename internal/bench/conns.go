@@ -56,6 +56,12 @@ func startHold(ctx context.Context, eng *wsEngine, spec connSpec) *holder {
 	for i, a := range spec.Accounts {
 		h.clients[i] = &client{r: r, acct: a, src: r.sourceIP(spec.Offset + i)}
 	}
+	// The heartbeat runs from the start (it skips clients not up yet): a
+	// connect phase slowed by refusals and retries can outlast the
+	// server's idle timeout, which would close the first connections.
+	hbCtx, stop := context.WithCancel(context.Background())
+	h.stopHB = stop
+	go r.heartbeat(hbCtx, h.clients, spec.Ping)
 	start := time.Now()
 	failed, err := r.connectAll(ctx, h.clients, max(1, spec.Conc), 60*time.Second)
 	h.rep.ConnectSec = time.Since(start).Seconds()
@@ -65,9 +71,6 @@ func startHold(ctx context.Context, eng *wsEngine, spec connSpec) *holder {
 	}
 	h.rep.Held = r.up.Load()
 	h.rep.Event = "connected"
-	hbCtx, stop := context.WithCancel(context.Background())
-	h.stopHB = stop
-	go r.heartbeat(hbCtx, h.clients, spec.Ping)
 	h.rep.RSS = selfRSS()
 	return h
 }
