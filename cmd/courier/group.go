@@ -199,30 +199,52 @@ func groupList(ctx context.Context, st streams, args []string) error {
 	return nil
 }
 
-func groupShow(ctx context.Context, st streams, args []string) error {
-	fs, home := newFlags(st, "group show", "NAME|ID", "Shows a group's members, admins and membership version, as the server has them.")
+// groupCommand runs a subcommand that acts on one group the profile knows:
+// it parses the flags, checks the number of arguments (want reports what
+// is wrong with n, "" if nothing), opens a session, finds the group named
+// by the first argument and runs act on it; closing the session then waits
+// up to closeWait for what act queued to leave the outbox.
+func groupCommand(ctx context.Context, st streams, args []string, name, synopsis, about string,
+	want func(n int) string, closeWait time.Duration,
+	act func(gs *groupSession, grp client.Group, fs *flag.FlagSet) error) error {
+	fs, home := newFlags(st, name, synopsis, about)
 	if err := parseFlags(fs, args); err != nil {
 		return err
 	}
-	if fs.NArg() != 1 {
-		return badUsage(st, fs, "need one NAME or ID")
+	if msg := want(fs.NArg()); msg != "" {
+		return badUsage(st, fs, "%s", msg)
 	}
 	gs, err := openGroupSession(ctx, st, *home)
 	if err != nil {
 		return err
 	}
-	defer gs.close(ctx, st, 10*time.Second)
+	defer gs.close(ctx, st, closeWait)
 	grp, err := gs.find(ctx, fs.Arg(0))
 	if err != nil {
 		return err
 	}
-	if fresh, err := gs.c.RefreshGroup(ctx, grp.ID); err == nil || errors.Is(err, client.ErrNotMember) {
-		grp = fresh
-	} else {
-		fmt.Fprintf(st.err, "courier: could not refresh the group from the server (showing what the profile knows): %v\n", err)
+	return act(gs, grp, fs)
+}
+
+// oneGroup wants exactly one argument, the group.
+func oneGroup(n int) string {
+	if n != 1 {
+		return "need one NAME or ID"
 	}
-	printGroup(st.out, grp, gs.p.creds.User)
-	return nil
+	return ""
+}
+
+func groupShow(ctx context.Context, st streams, args []string) error {
+	return groupCommand(ctx, st, args, "group show", "NAME|ID", "Shows a group's members, admins and membership version, as the server has them.",
+		oneGroup, 10*time.Second, func(gs *groupSession, grp client.Group, _ *flag.FlagSet) error {
+			if fresh, err := gs.c.RefreshGroup(ctx, grp.ID); err == nil || errors.Is(err, client.ErrNotMember) {
+				grp = fresh
+			} else {
+				fmt.Fprintf(st.err, "courier: could not refresh the group from the server (showing what the profile knows): %v\n", err)
+			}
+			printGroup(st.out, grp, gs.p.creds.User)
+			return nil
+		})
 }
 
 // printGroup prints a group:
@@ -248,78 +270,50 @@ func printGroup(w io.Writer, g client.Group, self string) {
 }
 
 func groupAdd(ctx context.Context, st streams, args []string) error {
-	fs, home := newFlags(st, "group add", "NAME|ID USER...",
-		"Adds USERs to a group (you must be an admin) and sends them its name. Your next\nmessage to the group hands your sender key to their devices first.")
-	if err := parseFlags(fs, args); err != nil {
-		return err
-	}
-	if fs.NArg() < 2 {
-		return badUsage(st, fs, "need a group and at least one USER")
-	}
-	gs, err := openGroupSession(ctx, st, *home)
-	if err != nil {
-		return err
-	}
-	defer gs.close(ctx, st, 30*time.Second)
-	grp, err := gs.find(ctx, fs.Arg(0))
-	if err != nil {
-		return err
-	}
-	grp, err = gs.c.AddMembers(ctx, grp.ID, fs.Args()[1:]...)
-	if err != nil {
-		return err
-	}
-	fmt.Fprintf(st.out, "added %s to %s (version %d)\n", strings.Join(fs.Args()[1:], ", "), grp.Label(), grp.Version)
-	return nil
+	return groupCommand(ctx, st, args, "group add", "NAME|ID USER...",
+		"Adds USERs to a group (you must be an admin) and sends them its name. Your next\nmessage to the group hands your sender key to their devices first.",
+		func(n int) string {
+			if n < 2 {
+				return "need a group and at least one USER"
+			}
+			return ""
+		}, 30*time.Second, func(gs *groupSession, grp client.Group, fs *flag.FlagSet) error {
+			users := fs.Args()[1:]
+			grp, err := gs.c.AddMembers(ctx, grp.ID, users...)
+			if err != nil {
+				return err
+			}
+			fmt.Fprintf(st.out, "added %s to %s (version %d)\n", strings.Join(users, ", "), grp.Label(), grp.Version)
+			return nil
+		})
 }
 
 func groupRemove(ctx context.Context, st streams, args []string) error {
-	fs, home := newFlags(st, "group remove", "NAME|ID USER",
-		"Removes USER from a group (you must be an admin). Every member replaces its\nsender key, so USER cannot read what is sent from now on.")
-	if err := parseFlags(fs, args); err != nil {
-		return err
-	}
-	if fs.NArg() != 2 {
-		return badUsage(st, fs, "need a group and one USER")
-	}
-	gs, err := openGroupSession(ctx, st, *home)
-	if err != nil {
-		return err
-	}
-	defer gs.close(ctx, st, 10*time.Second)
-	grp, err := gs.find(ctx, fs.Arg(0))
-	if err != nil {
-		return err
-	}
-	grp, err = gs.c.RemoveMember(ctx, grp.ID, fs.Arg(1))
-	if err != nil {
-		return err
-	}
-	fmt.Fprintf(st.out, "removed %s from %s (version %d); your sender key for it was replaced\n", fs.Arg(1), grp.Label(), grp.Version)
-	return nil
+	return groupCommand(ctx, st, args, "group remove", "NAME|ID USER",
+		"Removes USER from a group (you must be an admin). Every member replaces its\nsender key, so USER cannot read what is sent from now on.",
+		func(n int) string {
+			if n != 2 {
+				return "need a group and one USER"
+			}
+			return ""
+		}, 10*time.Second, func(gs *groupSession, grp client.Group, fs *flag.FlagSet) error {
+			grp, err := gs.c.RemoveMember(ctx, grp.ID, fs.Arg(1))
+			if err != nil {
+				return err
+			}
+			fmt.Fprintf(st.out, "removed %s from %s (version %d); your sender key for it was replaced\n", fs.Arg(1), grp.Label(), grp.Version)
+			return nil
+		})
 }
 
 func groupLeave(ctx context.Context, st streams, args []string) error {
-	fs, home := newFlags(st, "group leave", "NAME|ID", "Leaves a group. Its history stays in the profile.")
-	if err := parseFlags(fs, args); err != nil {
-		return err
-	}
-	if fs.NArg() != 1 {
-		return badUsage(st, fs, "need one NAME or ID")
-	}
-	gs, err := openGroupSession(ctx, st, *home)
-	if err != nil {
-		return err
-	}
-	defer gs.close(ctx, st, 10*time.Second)
-	grp, err := gs.find(ctx, fs.Arg(0))
-	if err != nil {
-		return err
-	}
-	grp, err = gs.c.Leave(ctx, grp.ID)
-	if err != nil && !errors.Is(err, client.ErrNotMember) {
-		return err
-	}
-	fmt.Fprintf(st.out, "left %s\n", grp.Label())
-	return nil
+	return groupCommand(ctx, st, args, "group leave", "NAME|ID", "Leaves a group. Its history stays in the profile.",
+		oneGroup, 10*time.Second, func(gs *groupSession, grp client.Group, _ *flag.FlagSet) error {
+			grp, err := gs.c.Leave(ctx, grp.ID)
+			if err != nil && !errors.Is(err, client.ErrNotMember) {
+				return err
+			}
+			fmt.Fprintf(st.out, "left %s\n", grp.Label())
+			return nil
+		})
 }

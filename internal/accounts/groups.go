@@ -6,6 +6,7 @@ import (
 	"encoding/base64"
 	"errors"
 	"fmt"
+	"slices"
 	"time"
 )
 
@@ -191,4 +192,105 @@ func CollapseMembers(creator string, members []string) []string {
 		}
 	}
 	return out
+}
+
+// The membership rules follow, shared by the GroupStore backends, which
+// only read the group, call one of these in their transaction, and write
+// what it returns. members is a group's members in join order; errors are
+// the GroupStore's: ErrNotFound when by is not a member (a group is
+// invisible to outsiders), ErrForbidden when by lacks the admin role the
+// change needs, ErrNotMember when the user changed is not a member.
+
+// role reports whether user is one of members, and an admin.
+func role(members []GroupMember, user string) (member, admin bool) {
+	return Group{Members: members}.IsMember(user)
+}
+
+// PlanAdd checks that by may add to the group, and returns the users that
+// are not members yet, each once, in the order given; none means nothing
+// changes. Past limit members it fails with a *TooManyMembersError.
+func PlanAdd(members []GroupMember, by string, users []string, limit int) ([]string, error) {
+	member, admin := role(members, by)
+	switch {
+	case !member:
+		return nil, ErrNotFound
+	case !admin:
+		return nil, ErrForbidden
+	}
+	var add []string
+	seen := map[string]bool{}
+	for _, u := range users {
+		if in, _ := role(members, u); !in && !seen[u] {
+			seen[u] = true
+			add = append(add, u)
+		}
+	}
+	if n := len(members) + len(add); len(add) > 0 && n > limit {
+		return nil, TooManyMembers(n, limit)
+	}
+	return add, nil
+}
+
+// PlanRemove checks that by may remove user (anyone may leave; only an
+// admin removes someone else), and returns the members left. If none of
+// them is an admin, the longest-standing takes the role on: promoted names
+// them ("" when no one needed to be). No member left means the group ends.
+func PlanRemove(members []GroupMember, by, user string) (rest []GroupMember, promoted string, err error) {
+	byMember, byAdmin := role(members, by)
+	if !byMember {
+		return nil, "", ErrNotFound
+	}
+	if by != user && !byAdmin {
+		return nil, "", ErrForbidden
+	}
+	if in, _ := role(members, user); !in {
+		return nil, "", ErrNotMember
+	}
+	hasAdmin := false
+	for _, m := range members {
+		if m.User != user {
+			rest = append(rest, m)
+			hasAdmin = hasAdmin || m.Admin
+		}
+	}
+	if len(rest) > 0 && !hasAdmin {
+		rest[0].Admin = true
+		promoted = rest[0].User
+	}
+	return rest, promoted, nil
+}
+
+// PlanSetAdmin checks that by (an admin) may give user the admin role or
+// take it away, and returns the members with the change; changed is false
+// when user already had that role. Taking the role from the last admin
+// fails with ErrLastAdmin.
+func PlanSetAdmin(members []GroupMember, by, user string, admin bool) (updated []GroupMember, changed bool, err error) {
+	byMember, byAdmin := role(members, by)
+	switch {
+	case !byMember:
+		return nil, false, ErrNotFound
+	case !byAdmin:
+		return nil, false, ErrForbidden
+	}
+	in, was := role(members, user)
+	if !in {
+		return nil, false, ErrNotMember
+	}
+	if was == admin {
+		return members, false, nil
+	}
+	updated = slices.Clone(members)
+	admins := 0
+	for i := range updated {
+		if updated[i].User == user {
+			updated[i].Admin = admin
+		}
+		if updated[i].Admin {
+			admins++
+		}
+	}
+	if admins == 0 {
+		return nil, false, ErrLastAdmin
+	}
+	return updated, true, nil
 }

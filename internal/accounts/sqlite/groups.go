@@ -75,11 +75,6 @@ func (g groupRow) group(id string) accounts.Group {
 	return accounts.Group{ID: id, Version: uint64(g.version), Members: g.members, Created: fromMillis(g.created)}
 }
 
-// role reports whether user is a member of g, and an admin.
-func (g groupRow) role(user string) (member, admin bool) {
-	return accounts.Group{Members: g.members}.IsMember(user)
-}
-
 // checkUsers fails with an *accounts.UnknownUserError for the first of
 // users that does not exist.
 func checkUsers(ctx context.Context, tx *sql.Tx, users []string) error {
@@ -194,27 +189,13 @@ func (s *Store) AddMembers(ctx context.Context, id, by string, users []string) (
 		if err != nil {
 			return err
 		}
-		member, admin := g.role(by)
-		switch {
-		case !member:
-			return accounts.ErrNotFound
-		case !admin:
-			return accounts.ErrForbidden
-		}
-		var add []string
-		seen := map[string]bool{}
-		for _, u := range users {
-			if in, _ := g.role(u); !in && !seen[u] {
-				seen[u] = true
-				add = append(add, u)
-			}
+		add, err := accounts.PlanAdd(g.members, by, users, s.maxGroupMembers)
+		if err != nil {
+			return err
 		}
 		if len(add) == 0 {
 			ch = accounts.GroupChange{Group: g.group(id)}
 			return nil
-		}
-		if n := len(g.members) + len(add); n > s.maxGroupMembers {
-			return accounts.TooManyMembers(n, s.maxGroupMembers)
 		}
 		if err := checkUsers(ctx, tx, add); err != nil {
 			return err
@@ -246,26 +227,12 @@ func (s *Store) RemoveMember(ctx context.Context, id, by, user string) (accounts
 		if err != nil {
 			return err
 		}
-		byMember, byAdmin := g.role(by)
-		if !byMember {
-			return accounts.ErrNotFound
-		}
-		if by != user && !byAdmin {
-			return accounts.ErrForbidden
-		}
-		if in, _ := g.role(user); !in {
-			return accounts.ErrNotMember
+		rest, promoted, err := accounts.PlanRemove(g.members, by, user)
+		if err != nil {
+			return err
 		}
 		if _, err := tx.ExecContext(ctx, `DELETE FROM group_members WHERE group_id = ? AND user = ?`, id, user); err != nil {
 			return err
-		}
-		var rest []accounts.GroupMember
-		hasAdmin := false
-		for _, m := range g.members {
-			if m.User != user {
-				rest = append(rest, m)
-				hasAdmin = hasAdmin || m.Admin
-			}
 		}
 		g.members = rest
 		ch = accounts.GroupChange{Changed: true, Removed: []string{user}}
@@ -277,12 +244,10 @@ func (s *Store) RemoveMember(ctx context.Context, id, by, user string) (accounts
 			ch.Group, ch.Deleted = g.group(id), true
 			return nil
 		}
-		if !hasAdmin {
-			// The longest-standing member takes the role on.
-			if _, err := tx.ExecContext(ctx, `UPDATE group_members SET admin = 1 WHERE group_id = ? AND user = ?`, id, rest[0].User); err != nil {
+		if promoted != "" {
+			if _, err := tx.ExecContext(ctx, `UPDATE group_members SET admin = 1 WHERE group_id = ? AND user = ?`, id, promoted); err != nil {
 				return err
 			}
-			rest[0].Admin = true
 		}
 		if err := bumpVersion(ctx, tx, id, &g, 0); err != nil {
 			return err
@@ -304,33 +269,15 @@ func (s *Store) SetAdmin(ctx context.Context, id, by, user string, admin bool) (
 		if err != nil {
 			return err
 		}
-		byMember, byAdmin := g.role(by)
-		switch {
-		case !byMember:
-			return accounts.ErrNotFound
-		case !byAdmin:
-			return accounts.ErrForbidden
+		updated, changed, err := accounts.PlanSetAdmin(g.members, by, user, admin)
+		if err != nil {
+			return err
 		}
-		in, was := g.role(user)
-		if !in {
-			return accounts.ErrNotMember
-		}
-		if was == admin {
+		if !changed {
 			ch = accounts.GroupChange{Group: g.group(id)}
 			return nil
 		}
-		admins := 0
-		for i, m := range g.members {
-			if m.User == user {
-				g.members[i].Admin = admin
-			}
-			if g.members[i].Admin {
-				admins++
-			}
-		}
-		if admins == 0 {
-			return accounts.ErrLastAdmin
-		}
+		g.members = updated
 		if _, err := tx.ExecContext(ctx, `UPDATE group_members SET admin = ? WHERE group_id = ? AND user = ?`, boolInt(admin), id, user); err != nil {
 			return err
 		}
