@@ -11,7 +11,6 @@ import (
 	"time"
 
 	"github.com/coder/websocket"
-	nbws "github.com/lesismal/nbio/nbhttp/websocket"
 	"google.golang.org/protobuf/encoding/protowire"
 	"google.golang.org/protobuf/proto"
 
@@ -80,9 +79,8 @@ type conn struct {
 	// gr is the goroutine transport's state; nil on the epoll transport.
 	gr *goConn
 
-	// The epoll transport's state (epoll.go); nb is nil on the goroutine
-	// transport, and ev unused.
-	nb *nbws.Conn
+	// The epoll transport's state (epoll.go); unused on the goroutine
+	// transport.
 	ev epollState
 }
 
@@ -196,7 +194,7 @@ func (c *conn) closeWith(code pb.ErrorCode, msg string, ws websocket.StatusCode,
 // closeNow cuts the connection off without a close handshake.
 func (c *conn) closeNow() {
 	if c.gr == nil {
-		c.nb.Conn.Close()
+		c.evShutdown()
 		return
 	}
 	c.gr.ws.CloseNow()

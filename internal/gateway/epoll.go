@@ -4,20 +4,19 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"net/http"
 	"runtime"
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/coder/websocket"
-	"github.com/lesismal/nbio"
-	"github.com/lesismal/nbio/logging"
-	"github.com/lesismal/nbio/nbhttp"
-	nbws "github.com/lesismal/nbio/nbhttp/websocket"
+	"github.com/gobwas/ws"
+	"golang.org/x/sys/unix"
 
-	"github.com/courier-im/courier/internal/auth"
 	"github.com/courier-im/courier/internal/delivery"
 	"github.com/courier-im/courier/internal/ident"
 	pb "github.com/courier-im/courier/proto/courier/v1"
@@ -29,69 +28,126 @@ const (
 	// goroutine on coder/websocket: simple, and about 50 KiB per idle
 	// connection (two stacks, net/http's buffers).
 	TransportGoroutine = "goroutine"
-	// TransportEpoll serves connections from nbio's event loops: an idle
-	// connection has no goroutine, no buffer and no timer, only its
+	// TransportEpoll serves connections from event loops on epoll: an
+	// idle connection has no goroutine, no buffer and no timer, only its
 	// state. The HTTP request that opens it is still served by net/http
-	// (on the same port), which hands the socket to the event loop once
+	// (on the same port), which hands the socket to an event loop once
 	// the WebSocket handshake is done.
 	TransportEpoll = "epoll"
 )
 
 // The epoll transport.
 //
-// The socket of an upgraded connection is taken from net/http and added to
-// one of nbio's pollers (one per CPU), which reads it when it is readable,
-// into a buffer shared by the poller, and parses WebSocket frames from it;
-// a partial frame is kept in a pooled buffer until it is complete. A
-// complete message is handed to nbio's bounded pool of workers, one job
-// at a time per connection (so frames are handled in order), which runs
-// the same frame handling as the goroutine transport (conn.go): storage
-// work may block there, never on a poller. Writes never block: nbio
-// writes what the socket takes and keeps the rest until it is writable,
-// within a write deadline (WriteTimeout) after which the connection is cut
-// off as a slow consumer.
+// The socket of an upgraded connection is taken from net/http (its
+// descriptor duplicated, the net.Conn closed) and added to one of the
+// event loops (one per CPU, each an epoll instance waited on by one
+// goroutine). A loop reads a readable socket into a buffer of its own and
+// parses WebSocket frames from it in place (wsread.go); a frame split
+// across reads is carried in a buffer made for it. A complete message is
+// copied and queued on its connection; one job at a time per connection,
+// on the gateway's bounded pool of workers, runs the same frame handling
+// as the goroutine transport (conn.go), so frames are handled in order and
+// storage work may block there, never on a loop. A connection whose queue
+// holds more than maxQueued bytes is not read until it has drained (TCP
+// then pushes back on the device).
+//
+// Writes never block: a write takes the connection's write lock and
+// writes to the socket what it takes; the rest waits in a buffer made for
+// it, which the loop writes when the socket is writable. Bytes that wait
+// longer than WriteTimeout (renewed by each write that progresses), or
+// more than maxPending of them, cut the connection off as a slow consumer.
+// Deadlines (that one, and the grace a closing connection gives the device
+// to answer the close handshake) are kept in one table for the whole
+// transport, checked by one ticker, not a timer each.
+//
+// Only its loop closes a socket's descriptor, with the write lock held:
+// anyone else shuts the socket down, which the loop sees as the end of
+// the stream. So a descriptor number is never used after it is closed,
+// when the kernel may hand it to the next connection.
 //
 // The mailbox is streamed by a pump (pumpPoke) that runs on the same
-// worker pool only while there is something to send: Notify and acks poke
-// it; it reads the mailbox from the last seq sent, as the goroutine
+// workers only while there is something to send: Notify and acks poke it;
+// it reads the mailbox from the last seq sent, as the goroutine
 // transport's writer does, until the window is full or the mailbox is
 // drained, then returns.
 //
 // Idle connections are closed by the gateway's sweeper, as on the other
-// transport; nbio's keepalive timers are off.
+// transport.
+//
+// This replaced nbio (docs/dependencies.md): nbio kept ≈ 600 bytes
+// per connection of its own (its connection, its WebSocket connection,
+// copies of both socket addresses, closures, a map entry), more than
+// courier's state, which no option of it would drop.
 type epoll struct {
-	g      *Gateway
-	engine *nbhttp.Engine
-	up     *nbws.Upgrader
-	pool   *workers // runs frame handling and pumps
+	g     *Gateway
+	pool  *workers // runs frame handling and pumps
+	loops []*evLoop
+	// socks maps a socket descriptor to its connection, for the loops
+	// (epoll hands them the descriptor); nil where none is registered.
+	socks []atomic.Pointer[conn]
+	up    ws.HTTPUpgrader
 
-	// locks publishes each connection to the pollers and workers: nbio
-	// keeps it in a field it writes and reads without synchronisation,
-	// so accept sets it, and everyone else reads it, under one of these
-	// locks (chosen by socket descriptor).
-	locks [64]sync.Mutex
+	maxPending int // bytes a connection may have written and not sent
+
+	dmu       sync.Mutex
+	deadlines map[*conn]evDeadline
+
+	stop     chan struct{}
+	stopOnce sync.Once
+	wg       sync.WaitGroup
+}
+
+// evLoop is one event loop: an epoll instance, the goroutine waiting on
+// it, and the buffer it reads into.
+type evLoop struct {
+	epfd int
+	wake int // eventfd that ends the loop
+	buf  []byte
+}
+
+// evDeadline is a connection's deadline: at (unix nanos), and whether it
+// bounds a write (else the close handshake).
+type evDeadline struct {
+	at    int64
+	write bool
 }
 
 // epollState is a connection's state on the epoll transport, held in its
-// conn (ev). The source address admit counted is not kept: it is the
-// socket's remote address, which nbio keeps anyway (see sourceAddr).
+// conn (ev).
 type epollState struct {
-	scan    frameScan // frame headers seen by onData (pollers only)
-	pending uint64    // entries sent before Synced (pump only)
+	evBatch // frames waiting to be written, and the write lock (evwrite.go)
 
-	evBatch // frames waiting to be written (evwrite.go)
+	// Guarded by wmu.
+	fd     int32   // the socket; -1 once its loop has closed it
+	events uint32  // the epoll interest registered for it
+	out    *[]byte // bytes the socket did not take yet; nil: none
+
+	rd *wsPartial // a frame or message split across reads (loop only)
+
+	// jobs holds the messages and actions waiting for the connection's
+	// worker, nil when none is (guarded by conn.mu).
+	jobs *evJobs
+
+	pending uint64 // entries sent before Synced (pump only)
+	// addr is the source address admit counted (auth.SourceAddr of the
+	// request), released when the connection ends; empty when no cap per
+	// address is set.
+	addr string
 
 	// pump: 0 idle, 1 running, 2 running and poked again.
 	pump   atomic.Int32
-	flags  atomic.Uint32 // evReady, evDiscard, evEnded: each set once, never cleared
+	flags  atomic.Uint32 // evReady, evDiscard, evEnded, evBroken: each set once, never cleared
 	synced bool          // Synced has been sent (pump only)
+	paused bool          // not read: its queue of messages is full (wmu)
+	linger bool          // shut down once out is written (wmu)
 }
 
 // Flags of epollState.
 const (
 	evReady   = 1 << iota // Hello sent and registered: frames are handled
-	evDiscard             // closing: input is no longer parsed
+	evDiscard             // closing: data messages are no longer handled
 	evEnded               // evEnd has run
+	evBroken              // the input cannot be parsed further: it is dropped
 )
 
 // has reports whether flag f is set.
@@ -100,134 +156,248 @@ func (s *epollState) has(f uint32) bool { return s.flags.Load()&f != 0 }
 // set sets flag f and reports whether it was set already.
 func (s *epollState) set(f uint32) (was bool) { return s.flags.Or(f)&f != 0 }
 
+const (
+	// evReadBuffer is the size of each loop's read buffer.
+	evReadBuffer = 64 << 10
+	// maxQueued is the most bytes of messages a connection may have
+	// waiting for its worker before its socket is no longer read.
+	maxQueued = 1 << 20
+	// evTick is how often deadlines are checked.
+	evTick = 100 * time.Millisecond
+)
+
 func newEpoll(g *Gateway) (*epoll, error) {
-	// nbio logs to stdout at Info by default; courier logs with slog.
-	logging.SetLevel(logging.LevelError)
-	n := runtime.GOMAXPROCS(0)
-	// The most a connection may have written and not yet taken by its
-	// socket: a full window of the largest entries, and room for replies.
-	// The write deadline is renewed by each write, so a device that keeps
-	// sending but never reads would otherwise grow its backlog forever;
-	// past this it is cut off as a slow consumer.
-	maxPending := g.cfg.Window*(g.cfg.Delivery.MaxPayload()+4<<10) + g.cfg.MaxFrame
-	// Frame handling and mailbox reads: a bounded pool of workers that
-	// live on between jobs.
-	pool := newWorkers(256*n, g.log)
-	engine := nbhttp.NewEngine(nbhttp.Config{
-		MaxWriteBufferSize: maxPending,
-		Name:               "courier-gateway",
-		NPoller:            n,
-		// One read buffer per poller, shared by all its connections.
-		ReadBufferSize:          16 << 10,
-		ReleaseWebsocketPayload: true,
-		MaxLoad:                 1 << 22,
-		ServerExecutor:          pool.Go,
-		SupportServerOnly:       true,
-	})
-	e := &epoll{g: g, engine: engine, pool: pool}
-	up := nbws.NewUpgrader()
-	e.up = up
-	up.Engine = engine
-	// The gateway's idle sweeper closes idle connections; no timer each.
-	up.KeepaliveTime = 0
-	up.MessageLengthLimit = g.cfg.MaxFrame
-	up.OnMessage(func(wsc *nbws.Conn, typ nbws.MessageType, data []byte) {
-		c := e.sessionConn(wsc)
-		if c == nil || !c.ev.awaitReady() || c.ev.has(evDiscard) {
-			return
-		}
-		c.lastRead.Store(time.Now().UnixNano())
-		mt := websocket.MessageBinary
-		if typ != nbws.BinaryMessage {
-			mt = websocket.MessageText
-		}
-		// data is nbio's pooled buffer, released on return: decoding
-		// copies what it keeps.
-		c.startFrame(mt, data)
-	})
-	up.OnClose(func(wsc *nbws.Conn, err error) {
-		// Before it is ready, accept ends the connection itself.
-		if c := e.connOf(wsc); c != nil && c.ev.has(evReady) {
-			c.evEnd(err)
-		}
-	})
-	// Every read of an upgraded connection comes here first (rather than
-	// to the handler nbio sets for each connection, which accept could
-	// only replace once the connection is already being read): see onData.
-	engine.Engine.OnData(func(nbc *nbio.Conn, data []byte) {
-		wsc, _ := nbc.Session().(*nbws.Conn)
-		if wsc == nil {
-			nbc.Close()
-			return
-		}
-		if c := e.sessionConn(wsc); c != nil {
-			c.onData(data)
-		} else {
-			nbc.Close()
-		}
-	})
-	if err := engine.Start(); err != nil {
-		pool.Stop()
-		return nil, err
+	var lim unix.Rlimit
+	if err := unix.Getrlimit(unix.RLIMIT_NOFILE, &lim); err != nil {
+		return nil, fmt.Errorf("epoll transport: %w", err)
 	}
+	// Descriptors are below the soft limit (raised to the hard one at
+	// start-up, internal/rlimit).
+	nfd := min(lim.Cur, 1<<24)
+	n := runtime.GOMAXPROCS(0)
+	e := &epoll{
+		g: g,
+		// Frame handling and mailbox reads: a bounded pool of workers
+		// that live on between jobs.
+		pool:  newWorkers(256*n, g.log),
+		socks: make([]atomic.Pointer[conn], nfd),
+		// The most a connection may have written and not yet taken by
+		// its socket: a full window of the largest entries, and room for
+		// replies. The write deadline is renewed by each write that
+		// progresses, so a device that keeps sending but reads slowly
+		// would otherwise grow its backlog forever; past this it is cut
+		// off as a slow consumer.
+		maxPending: g.cfg.Window*(g.cfg.Delivery.MaxPayload()+4<<10) + g.cfg.MaxFrame,
+		deadlines:  map[*conn]evDeadline{},
+		stop:       make(chan struct{}),
+	}
+	for range n {
+		l, err := newEvLoop()
+		if err != nil {
+			e.closeLoops()
+			e.pool.Stop()
+			return nil, err
+		}
+		e.loops = append(e.loops, l)
+	}
+	for _, l := range e.loops {
+		e.wg.Add(1)
+		go e.run(l)
+	}
+	e.wg.Add(1)
+	go e.ticker()
 	return e, nil
 }
 
-// lockOf returns the lock that guards the session of wsc.
-func (e *epoll) lockOf(wsc *nbws.Conn) *sync.Mutex {
-	fd := 0
-	if nbc, ok := wsc.Conn.(*nbio.Conn); ok {
-		fd = nbc.Hash()
+func newEvLoop() (*evLoop, error) {
+	epfd, err := unix.EpollCreate1(unix.EPOLL_CLOEXEC)
+	if err != nil {
+		return nil, fmt.Errorf("epoll transport: epoll_create1: %w", err)
 	}
-	return &e.locks[fd&(len(e.locks)-1)]
+	wake, err := unix.Eventfd(0, unix.EFD_NONBLOCK|unix.EFD_CLOEXEC)
+	if err != nil {
+		unix.Close(epfd)
+		return nil, fmt.Errorf("epoll transport: eventfd: %w", err)
+	}
+	if err := unix.EpollCtl(epfd, unix.EPOLL_CTL_ADD, wake, &unix.EpollEvent{Events: unix.EPOLLIN, Fd: int32(wake)}); err != nil {
+		unix.Close(epfd)
+		unix.Close(wake)
+		return nil, fmt.Errorf("epoll transport: epoll_ctl: %w", err)
+	}
+	return &evLoop{epfd: epfd, wake: wake, buf: make([]byte, evReadBuffer)}, nil
 }
 
-// setConn attaches c to wsc, for connOf.
-func (e *epoll) setConn(wsc *nbws.Conn, c *conn) {
-	l := e.lockOf(wsc)
-	l.Lock()
-	wsc.SetSession(c)
-	l.Unlock()
+// loopOf returns the loop of socket fd.
+func (e *epoll) loopOf(fd int32) *evLoop { return e.loops[int(fd)%len(e.loops)] }
+
+// run is an event loop: it reads readable sockets and writes what waits
+// for writable ones, until stopped.
+func (e *epoll) run(l *evLoop) {
+	defer e.wg.Done()
+	events := make([]unix.EpollEvent, 256)
+	for {
+		n, err := unix.EpollWait(l.epfd, events, -1)
+		if err != nil {
+			if errors.Is(err, unix.EINTR) {
+				continue
+			}
+			e.g.log.Error("epoll transport: epoll_wait; the loop stops", "err", err)
+			return
+		}
+		for i := range n {
+			ev := &events[i]
+			if int(ev.Fd) == l.wake {
+				return
+			}
+			c := e.socks[ev.Fd].Load()
+			if c == nil {
+				continue
+			}
+			// An event may be for an earlier socket that had the same
+			// number: reads and writes tell, never the event alone.
+			if ev.Events&(unix.EPOLLOUT|unix.EPOLLERR|unix.EPOLLHUP) != 0 {
+				c.evWritable()
+			}
+			if ev.Events&(unix.EPOLLIN|unix.EPOLLRDHUP|unix.EPOLLERR|unix.EPOLLHUP) != 0 {
+				c.evReadable(l.buf, ev.Events&(unix.EPOLLERR|unix.EPOLLHUP) != 0)
+			}
+		}
+	}
 }
 
-// connOf returns the connection attached to wsc, nil if none is yet.
-func (e *epoll) connOf(wsc *nbws.Conn) *conn {
-	l := e.lockOf(wsc)
-	l.Lock()
-	c, _ := wsc.Session().(*conn)
-	l.Unlock()
-	return c
+// ticker acts on the connections whose deadline has passed.
+func (e *epoll) ticker() {
+	defer e.wg.Done()
+	t := time.NewTicker(evTick)
+	defer t.Stop()
+	var due []*conn
+	var writes []bool
+	for {
+		select {
+		case <-e.stop:
+			return
+		case now := <-t.C:
+			at := now.UnixNano()
+			due, writes = due[:0], writes[:0]
+			e.dmu.Lock()
+			for c, d := range e.deadlines {
+				if d.at <= at {
+					due = append(due, c)
+					writes = append(writes, d.write)
+					delete(e.deadlines, c)
+				}
+			}
+			e.dmu.Unlock()
+			for i, c := range due {
+				if writes[i] {
+					c.logger().Info("slow consumer: write timed out; closed", "timeout", e.g.cfg.WriteTimeout)
+				}
+				c.evShutdown()
+			}
+			clear(due)
+		}
+	}
+}
+
+// setDeadline sets c's deadline; clearDeadline removes it. A write
+// deadline does not replace the deadline of a close under way.
+func (e *epoll) setDeadline(c *conn, d time.Duration, write bool) {
+	e.dmu.Lock()
+	if old, ok := e.deadlines[c]; !ok || !write || old.write {
+		e.deadlines[c] = evDeadline{at: time.Now().Add(d).UnixNano(), write: write}
+	}
+	e.dmu.Unlock()
+}
+
+func (e *epoll) clearDeadline(c *conn, write bool) {
+	e.dmu.Lock()
+	if d, ok := e.deadlines[c]; ok && (d.write || !write) {
+		delete(e.deadlines, c)
+	}
+	e.dmu.Unlock()
+}
+
+// shutdown stops the event loops and the workers, waiting at most wait
+// for the loops.
+func (e *epoll) shutdown(wait time.Duration) bool {
+	stopped := true
+	e.stopOnce.Do(func() {
+		close(e.stop)
+		one := []byte{1, 0, 0, 0, 0, 0, 0, 0}
+		for _, l := range e.loops {
+			_, _ = unix.Write(l.wake, one)
+		}
+		done := make(chan struct{})
+		go func() { e.wg.Wait(); close(done) }()
+		select {
+		case <-done:
+			e.closeLoops()
+		case <-time.After(wait):
+			stopped = false
+		}
+		e.pool.Stop()
+	})
+	return stopped
+}
+
+func (e *epoll) closeLoops() {
+	for _, l := range e.loops {
+		unix.Close(l.epfd)
+		unix.Close(l.wake)
+	}
 }
 
 // accept upgrades the request of dev (authenticated, registered in the
-// cluster's directory as session, admitted from its source address) and
-// hands the connection to the event loop. It reports whether it did: if
-// so, the connection releases its address when it ends (see sourceAddr).
-func (e *epoll) accept(w http.ResponseWriter, r *http.Request, dev ident.Device, session string) bool {
+// cluster's directory as session, admitted from source address addr) and
+// hands the connection to an event loop. It reports whether it did: if so,
+// the connection releases addr when it ends.
+func (e *epoll) accept(w http.ResponseWriter, r *http.Request, dev ident.Device, session, addr string) bool {
 	g := e.g
-	wsc, err := e.up.UpgradeAndTransferConnToPoller(w, r, nil)
-	if err != nil {
-		g.cfg.Metrics.Connects.WithLabelValues("handshake_failed").Inc()
+	fail := func(nc net.Conn, reason string) bool {
+		g.cfg.Metrics.Connects.WithLabelValues(reason).Inc()
 		g.clusterUnregister(dev, session)
-		return false // Upgrade has written the HTTP error
-	}
-	nbc, ok := wsc.Conn.(*nbio.Conn)
-	if !ok {
-		// Only a plain TCP connection can be moved to the event loop.
-		g.log.Error("epoll transport: connection is not TCP; closing it", "type", fmt.Sprintf("%T", wsc.Conn))
-		g.cfg.Metrics.Connects.WithLabelValues("handshake_failed").Inc()
-		g.clusterUnregister(dev, session)
-		wsc.Conn.Close()
+		if nc != nil {
+			nc.Close()
+		}
 		return false
 	}
+	nc, rw, _, err := e.up.Upgrade(r, w)
+	if err != nil {
+		return fail(nc, "handshake_failed") // Upgrade has written the HTTP error
+	}
+	fd, err := takeSocket(nc)
+	if err != nil || int(fd) >= len(e.socks) {
+		g.log.Error("epoll transport: cannot take the socket; closing it", "type", fmt.Sprintf("%T", nc), "err", err)
+		if err == nil {
+			unix.Close(int(fd))
+		}
+		return fail(nc, "handshake_failed")
+	}
+	// Bytes the device sent after its request, read with it.
+	var early []byte
+	if n := rw.Reader.Buffered(); n > 0 {
+		b, _ := rw.Reader.Peek(n)
+		early = append([]byte(nil), b...)
+	}
+	nc.Close() // the duplicate is the connection's now
 	// The user name is a piece of the decoded Authorization header; a
 	// copy of it alone is kept for the connection's lifetime.
 	dev.User = strings.Clone(dev.User)
 	c := newConn(g, dev, nil)
-	c.nb = wsc
-	// From here on the pollers parse its input (onData); frames wait for
-	// ready.
-	e.setConn(wsc, c)
+	c.ev.fd = fd
+	if g.cfg.MaxConnsPerAddr > 0 {
+		c.ev.addr = addr
+	}
+	drop := func(reason string) bool {
+		c.ev.set(evDiscard)
+		g.cfg.Metrics.Connects.WithLabelValues(reason).Inc()
+		g.clusterUnregister(dev, session)
+		c.ev.wmu.Lock()
+		c.ev.fd = -1
+		c.ev.wmu.Unlock()
+		unix.Close(int(fd))
+		return false
+	}
 	if !c.write(&pb.ServerFrame{Body: &pb.ServerFrame_Hello{Hello: &pb.Hello{
 		ProtocolVersion: ProtocolVersion,
 		Device:          &pb.DeviceAddress{User: c.dev.User, Device: c.dev.ID},
@@ -235,124 +405,394 @@ func (e *epoll) accept(w http.ResponseWriter, r *http.Request, dev ident.Device,
 		MaxPayloadBytes: uint32(g.cfg.Delivery.MaxPayload()),
 		MaxFrameBytes:   uint32(g.cfg.MaxFrame),
 	}}}) {
-		c.ev.set(evDiscard)
-		g.cfg.Metrics.Connects.WithLabelValues("handshake_failed").Inc()
-		g.clusterUnregister(dev, session)
-		nbc.Close()
-		return false
+		return drop("handshake_failed")
 	}
 	if !g.registerSession(c, session) {
-		c.ev.set(evDiscard)
-		g.cfg.Metrics.Connects.WithLabelValues("shutting_down").Inc()
-		g.clusterUnregister(dev, session)
-		wsc.WriteClose(int(websocket.StatusGoingAway), "shutting down")
-		nbc.Close()
-		return false
+		c.evWriteClose(websocket.StatusGoingAway, "shutting down")
+		return drop("shutting_down")
 	}
 	g.cfg.Metrics.Connects.WithLabelValues("ok").Inc()
 	g.cfg.Metrics.Connections.Inc()
 	c.logger().Debug("connected", "transport", TransportEpoll)
-	// From here on frames are handled and OnClose ends the connection; if
-	// it closed before, end it here (evEnd runs once).
 	c.ev.set(evReady)
-	if closed, _ := nbc.IsClosed(); closed {
-		c.evEnd(nil)
+	if len(early) > 0 {
+		c.evInput(early)
+	}
+	// From here on its loop reads it and ends it.
+	l := e.loopOf(fd)
+	e.socks[fd].Store(c)
+	c.ev.wmu.Lock()
+	c.ev.events = c.evWantLocked()
+	err = unix.EpollCtl(l.epfd, unix.EPOLL_CTL_ADD, int(fd), &unix.EpollEvent{Events: c.ev.events, Fd: fd})
+	c.ev.wmu.Unlock()
+	if err != nil {
+		e.socks[fd].Store(nil)
+		g.log.Error("epoll transport: epoll_ctl add", "err", err)
+		c.ev.wmu.Lock()
+		c.ev.fd = -1
+		c.ev.wmu.Unlock()
+		unix.Close(int(fd))
+		c.evEnd(err)
 		return true
 	}
 	c.poke() // pending entries first
 	return true
 }
 
-// sessionConn returns the connection of wsc, waiting for accept to attach
-// it if bytes came in before it did (accept does so as soon as the
-// handshake's Upgrade returns; a client should wait for the 101 answer
-// anyway). nil: it never came.
-func (e *epoll) sessionConn(wsc *nbws.Conn) *conn {
-	for i := 0; ; i++ {
-		if c := e.connOf(wsc); c != nil {
-			return c
-		}
-		if i == 10000 {
-			return nil
-		}
-		time.Sleep(100 * time.Microsecond)
+// takeSocket returns a duplicate of the descriptor of a TCP connection's
+// socket, in non-blocking mode and closed on exec.
+func takeSocket(nc net.Conn) (int32, error) {
+	sc, ok := nc.(syscall.Conn)
+	if !ok {
+		return -1, errors.New("not a socket")
 	}
+	rc, err := sc.SyscallConn()
+	if err != nil {
+		return -1, err
+	}
+	fd := -1
+	var derr error
+	if err := rc.Control(func(s uintptr) {
+		fd, derr = unix.FcntlInt(s, unix.F_DUPFD_CLOEXEC, 0)
+	}); err != nil {
+		return -1, err
+	}
+	if derr != nil {
+		return -1, derr
+	}
+	if err := unix.SetNonblock(fd, true); err != nil {
+		unix.Close(fd)
+		return -1, err
+	}
+	return int32(fd), nil
 }
 
-// awaitReady waits for accept to have sent Hello and registered the
-// connection, and reports whether it did.
-func (s *epollState) awaitReady() bool {
-	for i := 0; !s.has(evReady); i++ {
-		if i == 1000 || s.has(evDiscard) {
-			return false
-		}
-		time.Sleep(time.Millisecond)
+// evWantLocked returns the epoll interest the connection needs now.
+func (c *conn) evWantLocked() uint32 {
+	// Paused, not even the peer's half close is asked for: it would be
+	// reported again and again while the socket is not read. (A failed
+	// or closed socket is reported whatever the interest.)
+	var want uint32
+	if !c.ev.paused {
+		want = unix.EPOLLIN | unix.EPOLLRDHUP
 	}
-	return true
+	if c.ev.out != nil {
+		want |= unix.EPOLLOUT
+	}
+	return want
 }
 
-// onData parses bytes read from the socket (on a poller). It sees every
-// byte after the handshake, so frameScan follows the frames from the
-// first.
-func (c *conn) onData(data []byte) {
-	if c.ev.has(evDiscard) {
+// evInterestLocked registers the interest the connection needs now, if it
+// changed. wmu is held.
+func (c *conn) evInterestLocked() {
+	s := &c.ev
+	want := c.evWantLocked()
+	if want == s.events || s.fd < 0 || !s.has(evReady) {
 		return
 	}
-	// nbio would refuse a message over the limit itself, but with its own
-	// close frame and no reason: the frame headers are read here first,
-	// and the bytes before such a message are parsed as usual.
-	cut := c.ev.scan.scan(data, int64(c.g.cfg.MaxFrame))
-	var err error
-	if cut < 0 {
-		err = c.nb.Parse(data)
-	} else {
-		if cut > 0 {
-			err = c.nb.Parse(data[:cut])
+	if err := unix.EpollCtl(c.g.ep.loopOf(s.fd).epfd, unix.EPOLL_CTL_MOD, int(s.fd), &unix.EpollEvent{Events: want, Fd: s.fd}); err != nil {
+		c.logger().Error("epoll transport: epoll_ctl mod", "err", err)
+		return
+	}
+	s.events = want
+}
+
+// evReadable reads the socket (on its loop). hup: the event said the
+// socket is closed or failed.
+func (c *conn) evReadable(buf []byte, hup bool) {
+	s := &c.ev
+	if s.paused && !hup {
+		return // read when the queue has drained
+	}
+	fd := int(s.fd) // only this loop changes it
+	if fd < 0 {
+		return
+	}
+	for range 4 {
+		n, err := unix.Read(fd, buf)
+		switch {
+		case n > 0:
+			if !s.has(evBroken) {
+				c.evInput(buf[:n])
+			}
+			if n < len(buf) || s.paused {
+				return
+			}
+			continue
+		case errors.Is(err, unix.EAGAIN):
+			return
+		case errors.Is(err, unix.EINTR):
+			continue
+		}
+		// n == 0: the device closed its end (or we shut it down); or the
+		// socket failed.
+		c.evCloseSocket(err)
+		return
+	}
+}
+
+// evCloseSocket closes the socket (on its loop) and ends the connection
+// once the jobs queued before are done.
+func (c *conn) evCloseSocket(cause error) {
+	e := c.g.ep
+	s := &c.ev
+	s.wmu.Lock()
+	fd := s.fd
+	if fd < 0 {
+		s.wmu.Unlock()
+		return
+	}
+	_ = unix.EpollCtl(e.loopOf(fd).epfd, unix.EPOLL_CTL_DEL, int(fd), nil)
+	e.socks[fd].Store(nil)
+	unix.Close(int(fd))
+	s.fd = -1
+	if s.out != nil {
+		putBuffer(s.out)
+		s.out = nil
+	}
+	if s.buf != nil {
+		*s.buf = (*s.buf)[:0]
+		batchPool.Put(s.buf)
+		s.buf = nil
+	}
+	s.wmu.Unlock()
+	e.clearDeadline(c, false)
+	if s.rd != nil {
+		s.rd.release()
+		s.rd = nil
+	}
+	c.evQueue(evJob{fn: func() { c.evEnd(cause) }})
+}
+
+// evShutdown shuts the socket down: its loop then sees the end of the
+// stream and closes it.
+func (c *conn) evShutdown() {
+	s := &c.ev
+	s.wmu.Lock()
+	if s.fd >= 0 {
+		_ = unix.Shutdown(int(s.fd), unix.SHUT_RDWR)
+	}
+	s.wmu.Unlock()
+}
+
+// evShutdownAfterWrites shuts the socket down once what waits to be
+// written is (or at the close deadline).
+func (c *conn) evShutdownAfterWrites() {
+	s := &c.ev
+	s.wmu.Lock()
+	if s.fd >= 0 {
+		if s.out == nil {
+			_ = unix.Shutdown(int(s.fd), unix.SHUT_RDWR)
+		} else {
+			s.linger = true
+		}
+	}
+	s.wmu.Unlock()
+}
+
+// evSendLocked writes p to the socket, keeping what it does not take for
+// the loop. wmu is held.
+func (c *conn) evSendLocked(p []byte) error {
+	s := &c.ev
+	if s.fd < 0 {
+		return net.ErrClosed
+	}
+	if s.out != nil {
+		if len(*s.out)+len(p) > c.g.ep.maxPending {
+			return errOverflow
+		}
+		*s.out = append(*s.out, p...)
+		return nil
+	}
+	for len(p) > 0 {
+		n, err := unix.Write(int(s.fd), p)
+		if n > 0 {
+			p = p[n:]
 		}
 		if err == nil {
-			err = nbws.ErrMessageTooLarge
+			continue
 		}
+		if errors.Is(err, unix.EINTR) {
+			continue
+		}
+		if errors.Is(err, unix.EAGAIN) {
+			break
+		}
+		return err
 	}
-	if err == nil {
+	if len(p) == 0 {
+		return nil
+	}
+	if len(p) > c.g.ep.maxPending {
+		return errOverflow
+	}
+	s.out = getBuffer(len(p))
+	*s.out = append(*s.out, p...)
+	c.evInterestLocked()
+	c.g.ep.setDeadline(c, c.g.cfg.WriteTimeout, true)
+	return nil
+}
+
+// errOverflow: more written than the device reads, past maxPending.
+var errOverflow = errors.New("slow consumer: too much written and not read")
+
+// evWritable writes what waits for the socket (on its loop).
+func (c *conn) evWritable() {
+	s := &c.ev
+	s.wmu.Lock()
+	defer s.wmu.Unlock()
+	if s.fd < 0 || s.out == nil {
 		return
 	}
-	if errors.Is(err, nbws.ErrMessageTooLarge) {
-		// Stop parsing now, and close after the frames before this one
-		// (the same job queue keeps them in order).
-		c.ev.set(evDiscard)
-		c.g.cfg.Metrics.FrameErrors.WithLabelValues(pb.ErrorCode_ERROR_CODE_FRAME_TOO_LARGE.String()).Inc()
-		if !c.nb.Execute(func() {
-			c.closeWith(pb.ErrorCode_ERROR_CODE_FRAME_TOO_LARGE, "frame larger than the limit", websocket.StatusMessageTooBig, 0)
-		}) {
-			c.nb.Conn.Close()
+	b := *s.out
+	wrote := 0
+	for wrote < len(b) {
+		n, err := unix.Write(int(s.fd), b[wrote:])
+		if n > 0 {
+			wrote += n
+		}
+		if err == nil || errors.Is(err, unix.EINTR) {
+			continue
+		}
+		if errors.Is(err, unix.EAGAIN) {
+			break
+		}
+		// The read side sees the failure too, and closes the socket.
+		_ = unix.Shutdown(int(s.fd), unix.SHUT_RDWR)
+		return
+	}
+	if wrote < len(b) {
+		n := copy(b, b[wrote:])
+		*s.out = b[:n]
+		if wrote > 0 {
+			c.g.ep.setDeadline(c, c.g.cfg.WriteTimeout, true)
 		}
 		return
 	}
-	c.nb.Conn.(*nbio.Conn).CloseWithError(err)
+	putBuffer(s.out)
+	s.out = nil
+	c.g.ep.clearDeadline(c, true)
+	if s.linger {
+		_ = unix.Shutdown(int(s.fd), unix.SHUT_RDWR)
+		return
+	}
+	c.evInterestLocked()
+}
+
+// evJobs is a connection's queue of work for its worker.
+type evJobs struct {
+	q     []evJob
+	bytes int // of messages in q
+}
+
+// evJob is a message to handle (data) or an action (fn).
+type evJob struct {
+	data *[]byte
+	text bool
+	fn   func()
+}
+
+// evQueue adds a job for the connection's worker, starting one if none is
+// running.
+func (c *conn) evQueue(j evJob) {
+	c.mu.Lock()
+	q := c.ev.jobs
+	start := q == nil
+	if start {
+		q = &evJobs{}
+		c.ev.jobs = q
+	}
+	q.q = append(q.q, j)
+	full := false
+	if j.data != nil {
+		q.bytes += len(*j.data)
+		full = q.bytes > maxQueued
+	}
+	c.mu.Unlock()
+	if full {
+		// Called on the loop (evInput): stop reading until it drains.
+		s := &c.ev
+		s.wmu.Lock()
+		s.paused = true
+		c.evInterestLocked()
+		s.wmu.Unlock()
+	}
+	if start {
+		c.g.ep.pool.Go(c.evWork)
+	}
+}
+
+// evWork runs the connection's jobs in order until none is left.
+func (c *conn) evWork() {
+	for {
+		c.mu.Lock()
+		q := c.ev.jobs
+		if len(q.q) == 0 {
+			c.ev.jobs = nil
+			c.mu.Unlock()
+			c.evResume(0)
+			return
+		}
+		j := q.q[0]
+		q.q[0] = evJob{}
+		q.q = q.q[1:]
+		left := -1
+		if j.data != nil {
+			q.bytes -= len(*j.data)
+			left = q.bytes
+		}
+		c.mu.Unlock()
+		if left >= 0 && left <= maxQueued/2 {
+			c.evResume(left)
+		}
+		if j.fn != nil {
+			j.fn()
+			continue
+		}
+		if !c.ev.has(evDiscard) {
+			c.lastRead.Store(time.Now().UnixNano())
+			mt := websocket.MessageBinary
+			if j.text {
+				mt = websocket.MessageText
+			}
+			// Decoding copies what it keeps.
+			c.startFrame(mt, *j.data)
+		}
+		putBuffer(j.data)
+	}
+}
+
+// evResume reads the socket again if it was paused.
+func (c *conn) evResume(int) {
+	s := &c.ev
+	s.wmu.Lock()
+	if s.paused {
+		s.paused = false
+		c.evInterestLocked()
+	}
+	s.wmu.Unlock()
 }
 
 // evFinish closes the connection, first telling the device why if there
 // is a reason to give (closeWith calls it once). The device has
 // closeGrace to answer the close handshake by closing its end; after that
-// the read deadline (the event loop's timer) cuts it off.
+// the socket is shut down.
 func (c *conn) evFinish() {
-	nbc := c.nb.Conn
 	if c.closeCode == CloseSlowConsumer {
-		nbc.Close()
+		c.evShutdown()
 		return
 	}
 	if c.closeErr != nil {
 		// Best effort: the device may not be reading.
 		c.write(&pb.ServerFrame{Body: &pb.ServerFrame_Error{Error: c.closeErr}})
 		c.g.cfg.Metrics.FrameErrors.WithLabelValues(c.closeErr.Code.String()).Inc()
-		c.nb.WriteClose(int(c.closeCode), c.closeErr.Code.String())
+		c.evWriteClose(c.closeCode, c.closeErr.Code.String())
 	} else {
 		// Frames still waiting in the batch go before the close frame.
-		c.evFlush()
-		c.nb.WriteClose(int(c.closeCode), "")
+		c.evWriteClose(c.closeCode, "")
 	}
 	c.ev.set(evDiscard)
-	nbc.SetReadDeadline(time.Now().Add(closeGrace))
+	c.g.ep.setDeadline(c, closeGrace, false)
 }
 
 // evEnd forgets a connection that has closed (once): what the goroutine
@@ -361,10 +801,7 @@ func (c *conn) evEnd(err error) {
 	if c.ev.set(evEnded) {
 		return
 	}
-	switch {
-	case errors.Is(err, nbio.ErrWriteTimeout):
-		c.logger().Info("slow consumer: write timed out; closed", "timeout", c.g.cfg.WriteTimeout)
-	case errors.Is(err, nbio.ErrOverflow):
+	if errors.Is(err, errOverflow) {
 		c.logger().Info("slow consumer: too much written and not read; closed")
 	}
 	c.closeWith(0, "", websocket.StatusNormalClosure, 0)
@@ -376,7 +813,7 @@ func (c *conn) evEnd(err error) {
 	g := c.g
 	g.cfg.Metrics.Connections.Dec()
 	g.unregister(c)
-	g.release(c.sourceAddr())
+	g.release(c.ev.addr)
 }
 
 // readContext is a context for mailbox reads made on first use.
@@ -398,19 +835,6 @@ func (r *readContext) release() {
 	}
 }
 
-// sourceAddr returns the source address the connection was admitted from
-// (auth.SourceAddr of the request's RemoteAddr), for release: the
-// request's RemoteAddr is the socket's remote address, which nbio keeps
-// (forwarding headers are not trusted, and only a plain TCP socket is
-// moved to the event loop), so the connection need not keep a copy. With
-// no cap per address, release does not look at it.
-func (c *conn) sourceAddr() string {
-	if c.g.cfg.MaxConnsPerAddr <= 0 {
-		return ""
-	}
-	return auth.SourceAddr(c.nb.Conn.RemoteAddr().String())
-}
-
 // pumpPoke makes the pump run (again) soon.
 func (c *conn) pumpPoke() {
 	for {
@@ -423,7 +847,7 @@ func (c *conn) pumpPoke() {
 			}
 		default:
 			if c.ev.pump.CompareAndSwap(0, 1) {
-				c.g.ep.engine.Execute(c.pump)
+				c.g.ep.pool.Go(c.pump)
 				return
 			}
 		}
@@ -522,78 +946,4 @@ func (c *conn) sendPending() bool {
 			return false
 		}
 	}
-}
-
-// frameScan follows the WebSocket frames of a byte stream, reading their
-// headers only, to find the first data message longer than a limit.
-type frameScan struct {
-	hdr  [14]byte // the header being read
-	nh   uint8    // bytes of it held
-	left uint64   // payload bytes of the current frame still to come
-	msg  uint64   // payload bytes of the current data message so far
-}
-
-// scan reads data, the next bytes of the stream. It returns the offset in
-// data of the header of the first frame that takes its message over limit
-// bytes (0 if that header began in earlier data), or -1 if there is none.
-func (s *frameScan) scan(data []byte, limit int64) int {
-	off := 0
-	for off < len(data) {
-		if s.left > 0 {
-			n := min(uint64(len(data)-off), s.left)
-			s.left -= n
-			off += int(n)
-			continue
-		}
-		start := off - int(s.nh)
-		need := 2
-		for {
-			if s.nh >= 2 {
-				need = 2
-				if s.hdr[1]&0x80 != 0 {
-					need += 4 // mask key
-				}
-				switch s.hdr[1] & 0x7f {
-				case 126:
-					need += 2
-				case 127:
-					need += 8
-				}
-			}
-			if int(s.nh) >= need || off == len(data) {
-				break
-			}
-			s.hdr[s.nh] = data[off]
-			s.nh++
-			off++
-		}
-		if int(s.nh) < need {
-			return -1 // the rest of the header comes later
-		}
-		var n uint64
-		switch l := s.hdr[1] & 0x7f; l {
-		case 126:
-			n = uint64(s.hdr[2])<<8 | uint64(s.hdr[3])
-		case 127:
-			for _, b := range s.hdr[2:10] {
-				n = n<<8 | uint64(b)
-			}
-		default:
-			n = uint64(l)
-		}
-		s.nh, s.left = 0, n
-		if op := s.hdr[0] & 0x0f; op < 8 { // continuation, text, binary
-			if op != 0 {
-				s.msg = 0
-			}
-			if n > uint64(limit) || s.msg+n > uint64(limit) {
-				return max(start, 0)
-			}
-			s.msg += n
-			if s.hdr[0]&0x80 != 0 { // fin
-				s.msg = 0
-			}
-		}
-	}
-	return -1
 }

@@ -2,11 +2,11 @@ package gateway
 
 import (
 	"encoding/binary"
+	"errors"
 	"log/slog"
 	"runtime/debug"
 	"sync"
 	"sync/atomic"
-	"time"
 
 	"github.com/coder/websocket"
 	"google.golang.org/protobuf/encoding/protowire"
@@ -88,7 +88,12 @@ func (c *conn) unlockBatch(flush bool) bool {
 	s.wmu.Unlock()
 	if err != nil {
 		// After the unlock: closing writes the close frames.
-		c.closeWith(0, "", websocket.StatusNormalClosure, 0)
+		if errors.Is(err, errOverflow) {
+			c.logger().Info("slow consumer: too much written and not read; closed")
+			c.closeWith(0, "", CloseSlowConsumer, 0)
+		} else {
+			c.closeWith(0, "", websocket.StatusNormalClosure, 0)
+		}
 		return false
 	}
 	return true
@@ -106,9 +111,8 @@ func (c *conn) writeBatchLocked() error {
 	}
 	var err error
 	if len(*b) > 0 {
-		c.nb.Conn.SetWriteDeadline(time.Now().Add(c.g.cfg.WriteTimeout))
-		// nbio copies what the socket does not take.
-		_, err = c.nb.Conn.Write(*b)
+		// What the socket does not take waits for the loop.
+		err = c.evSendLocked(*b)
 	}
 	if cap(*b) <= 64<<10 {
 		*b = (*b)[:0]
@@ -146,6 +150,26 @@ func (c *conn) evWriteFrame(f *pb.ServerFrame, flush bool) bool {
 	}
 	*b = out
 	return c.unlockBatch(flush)
+}
+
+// evWriteControl writes a control frame (ping, pong) now.
+func (c *conn) evWriteControl(op byte, payload []byte) bool {
+	b := c.lockBatch()
+	*b = append(append(*b, 0x80|op, byte(len(payload))), payload...)
+	return c.unlockBatch(true)
+}
+
+// evWriteClose writes a close frame with code and reason now, after the
+// frames waiting in the batch.
+func (c *conn) evWriteClose(code websocket.StatusCode, reason string) bool {
+	if len(reason) > 123 {
+		reason = reason[:123]
+	}
+	b := c.lockBatch()
+	*b = append(*b, 0x80|opClose, byte(2+len(reason)))
+	*b = binary.BigEndian.AppendUint16(*b, uint16(code))
+	*b = append(*b, reason...)
+	return c.unlockBatch(true)
 }
 
 // evAppendDeliver adds a Deliver frame for a mailbox entry to the batch,

@@ -3,11 +3,11 @@
 // order (pending entries first, then live ones), takes acks, read reports,
 // presence subscriptions and typing, and closes connections with a reason.
 //
-// On the default transport each connection has a reader goroutine (frames
-// from the device) and a writer goroutine (mailbox entries, replies and
-// events to the device); on the epoll transport (epoll.go) an idle
-// connection has neither, and nbio's event loops and worker pool run the
-// same frame handling. The mailbox is the source of truth: the writer (or
+// On the goroutine transport each connection has a reader goroutine
+// (frames from the device) and a writer goroutine (mailbox entries,
+// replies and events to the device); on the epoll transport (epoll.go, the
+// server's default) an idle connection has neither: event loops on epoll
+// read the sockets and a worker pool runs the same frame handling. The mailbox is the source of truth: the writer (or
 // the epoll transport's pump) reads it from the last seq it sent whenever
 // it is told there is something new, so live delivery and catch-up after a
 // reconnect are the same code path, and order is mailbox order.
@@ -125,8 +125,7 @@ type Gateway struct {
 
 	stop chan struct{} // closed on Shutdown
 
-	ep       *epoll // the epoll transport, if chosen
-	stopOnce sync.Once
+	ep *epoll // the epoll transport, if chosen
 
 	seen *seenWriter // last-seen times of users gone offline, written in batches
 
@@ -318,7 +317,7 @@ func (g *Gateway) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		}
 	}
 	if g.ep != nil {
-		handedOver = g.ep.accept(w, r, dev, session)
+		handedOver = g.ep.accept(w, r, dev, session, addr)
 		return
 	}
 	// The socket is wrapped so that the writer can write several frames
@@ -696,30 +695,16 @@ func (g *Gateway) drainRetryAfter() time.Duration {
 // transport's event loops to stop once every connection has ended.
 const transportStopTimeout = 3 * time.Second
 
-// stopTransport stops the epoll transport's event loops, if any. nbio's
-// Stop waits until it has counted every connection it ever took as
-// closed; in about one shutdown in forty under test its count stays one
-// short although every connection has ended (none is left in the gateway,
-// none of its handlers is running), and Stop would wait forever. By then
-// there is nothing left to lose, so the wait is bounded: the loops are
-// left to the process's exit, with a warning.
+// stopTransport stops the epoll transport's event loops and workers, if
+// any, once every connection has ended; the wait for the loops is bounded
+// (they are left to the process's exit, with a warning, past it).
 func (g *Gateway) stopTransport() {
 	if g.ep == nil {
 		return
 	}
-	g.stopOnce.Do(func() {
-		stopped := make(chan struct{})
-		go func() {
-			g.ep.engine.Stop()
-			close(stopped)
-		}()
-		select {
-		case <-stopped:
-		case <-time.After(transportStopTimeout):
-			g.log.Warn("epoll transport: event loops did not stop in time; left to the process exit", "waited", transportStopTimeout)
-		}
-		g.ep.pool.Stop()
-	})
+	if !g.ep.shutdown(transportStopTimeout) {
+		g.log.Warn("epoll transport: event loops did not stop in time; left to the process exit", "waited", transportStopTimeout)
+	}
 }
 
 // Draining reports whether Shutdown has begun.
