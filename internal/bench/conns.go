@@ -296,6 +296,9 @@ func runConns(ctx context.Context, e *env) (*Result, error) {
 			res.ServerRSSBytes = f64(end.rss)
 			res.ServerRSSBytesPerConn = f64((end.rss - base.rss) / float64(held))
 		}
+		if base.anon >= 0 && end.anon >= 0 {
+			res.ServerAnonRSSBytesPerConn = f64((end.anon - base.anon) / float64(held))
+		}
 		if base.heap >= 0 && end.heap >= 0 {
 			res.ServerHeapBytesPerConn = f64((end.heap - base.heap) / float64(held))
 		}

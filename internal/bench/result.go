@@ -51,17 +51,22 @@ type Result struct {
 	Reconnects      *int64   `json:"reconnect_attempts,omitempty"`
 	Workers         *int64   `json:"bench_processes,omitempty"`
 
-	ServerCPUSeconds        *float64         `json:"server_cpu_seconds,omitempty"`
-	ServerRSSBytes          *float64         `json:"server_rss_bytes,omitempty"`
-	ServerRSSBaseBytes      *float64         `json:"server_rss_base_bytes,omitempty"`
-	ServerPeakRSSBytes      *float64         `json:"server_peak_rss_bytes,omitempty"`
-	ServerHeapBytesPerConn  *float64         `json:"server_heap_inuse_bytes_per_conn,omitempty"`
-	ServerStackBytesPerConn *float64         `json:"server_stack_inuse_bytes_per_conn,omitempty"`
-	ServerGoroutinesPerConn *float64         `json:"server_goroutines_per_conn,omitempty"`
-	BenchRSSBytesPerConn    *float64         `json:"bench_rss_bytes_per_conn,omitempty"`
-	BenchCPUSeconds         *float64         `json:"bench_cpu_seconds,omitempty"`
-	Counters                map[string]int64 `json:"counters,omitempty"`
-	FirstError              string           `json:"first_error,omitempty"`
+	ServerCPUSeconds   *float64 `json:"server_cpu_seconds,omitempty"`
+	ServerRSSBytes     *float64 `json:"server_rss_bytes,omitempty"`
+	ServerRSSBaseBytes *float64 `json:"server_rss_base_bytes,omitempty"`
+	ServerPeakRSSBytes *float64 `json:"server_peak_rss_bytes,omitempty"`
+	// ServerAnonRSSBytesPerConn is ServerRSSBytesPerConn counting
+	// anonymous memory only (RssAnon): not the pages of the binary's code
+	// and data that serving connections reads in once, whatever their
+	// number (a child server only).
+	ServerAnonRSSBytesPerConn *float64         `json:"server_anon_rss_bytes_per_conn,omitempty"`
+	ServerHeapBytesPerConn    *float64         `json:"server_heap_inuse_bytes_per_conn,omitempty"`
+	ServerStackBytesPerConn   *float64         `json:"server_stack_inuse_bytes_per_conn,omitempty"`
+	ServerGoroutinesPerConn   *float64         `json:"server_goroutines_per_conn,omitempty"`
+	BenchRSSBytesPerConn      *float64         `json:"bench_rss_bytes_per_conn,omitempty"`
+	BenchCPUSeconds           *float64         `json:"bench_cpu_seconds,omitempty"`
+	Counters                  map[string]int64 `json:"counters,omitempty"`
+	FirstError                string           `json:"first_error,omitempty"`
 }
 
 // OK reports whether the run met the bench's correctness bar: nothing

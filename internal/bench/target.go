@@ -216,7 +216,7 @@ func (t *target) describe() string {
 // stats is a sample of the server's resource use. A negative value is
 // unknown.
 type stats struct {
-	rss, peakRSS, cpu, heap, stack, goroutines float64
+	rss, anon, peakRSS, cpu, heap, stack, goroutines float64
 }
 
 var scrapeClient = &http.Client{Timeout: 5 * time.Second}
@@ -224,10 +224,13 @@ var scrapeClient = &http.Client{Timeout: 5 * time.Second}
 // sample reads the server's figures: /proc for a child, /metrics always
 // (Go heap and goroutines; RSS and CPU too when there is no child).
 func (t *target) sample() stats {
-	s := stats{rss: -1, peakRSS: -1, cpu: -1, heap: -1, stack: -1, goroutines: -1}
+	s := stats{rss: -1, anon: -1, peakRSS: -1, cpu: -1, heap: -1, stack: -1, goroutines: -1}
 	if pid := t.pid(); pid != 0 {
 		if st, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid)); err == nil {
 			s.rss = procKB(string(st), "VmRSS:")
+			// Anonymous memory alone: without the binary's pages,
+			// which the first connections page in once for all.
+			s.anon = procKB(string(st), "RssAnon:")
 			s.peakRSS = procKB(string(st), "VmHWM:")
 		}
 		if st, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid)); err == nil {

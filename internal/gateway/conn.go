@@ -49,16 +49,18 @@ const (
 type conn struct {
 	g   *Gateway
 	dev ident.Device
-	id  uint64 // names the connection in logs (see logger)
-
-	lastRead atomic.Int64 // unix nanos of the last frame received
+	id  uint32 // names the connection in logs (see logger)
+	// lastRead is the unix second of the last frame received (the idle
+	// sweeper's granularity is far coarser).
+	lastRead atomic.Uint32
 	lastSent atomic.Uint64
 
 	hand handoff // entries handed with their notifications (handoff.go)
 
-	closeOnce sync.Once
-	closing   atomic.Bool // closeWith has run: the connection is closing
-	closeCode websocket.StatusCode
+	// closing is set once, by the closeWith that closes the connection,
+	// before it sets closeCode and closeErr.
+	closing   atomic.Bool
+	closeCode uint16    // a websocket.StatusCode
 	closeErr  *pb.Error // nil: the peer went away
 
 	mu sync.Mutex
@@ -130,7 +132,7 @@ func newConn(g *Gateway, dev ident.Device, ws *websocket.Conn) *conn {
 			closed: make(chan struct{}),
 		}
 	}
-	c.lastRead.Store(time.Now().UnixNano())
+	c.touch()
 	return c
 }
 
@@ -150,6 +152,9 @@ func (c *conn) setInflight(seq uint64, env *pb.Envelope) {
 	}
 	c.inflight[seq] = env
 }
+
+// touch records that a frame was received now.
+func (c *conn) touch() { c.lastRead.Store(uint32(time.Now().Unix())) }
 
 // logger returns the connection's logger. It is made when needed rather
 // than kept: an idle connection would otherwise hold its attributes.
@@ -171,20 +176,18 @@ func (c *conn) poke() {
 // closeWith ends the connection, telling the device why (code 0: say
 // nothing, the peer has gone).
 func (c *conn) closeWith(code pb.ErrorCode, msg string, ws websocket.StatusCode, retryAfter time.Duration) {
-	now := false
-	c.closeOnce.Do(func() {
-		if code != pb.ErrorCode_ERROR_CODE_UNSPECIFIED {
-			c.closeErr = &pb.Error{Code: code, Message: msg, RetryAfterMs: retryAfter.Milliseconds()}
-		}
-		c.closeCode = ws
-		c.closing.Store(true)
-		if c.gr != nil {
-			close(c.gr.closed)
-		}
-		c.pipe.close()
-		now = true
-	})
-	if now && c.gr == nil {
+	if !c.closing.CompareAndSwap(false, true) {
+		return
+	}
+	if code != pb.ErrorCode_ERROR_CODE_UNSPECIFIED {
+		c.closeErr = &pb.Error{Code: code, Message: msg, RetryAfterMs: retryAfter.Milliseconds()}
+	}
+	c.closeCode = uint16(ws)
+	if c.gr != nil {
+		close(c.gr.closed)
+	}
+	c.pipe.close()
+	if c.gr == nil {
 		// The epoll transport has no writer to notice: say why and close
 		// here (nothing in it blocks).
 		c.evFinish()
@@ -295,7 +298,7 @@ func (c *conn) reader() {
 		if err != nil {
 			return
 		}
-		c.lastRead.Store(time.Now().UnixNano())
+		c.touch()
 		buf.Reset()
 		n, err := buf.ReadFrom(io.LimitReader(r, max+1))
 		if err != nil {
@@ -809,11 +812,11 @@ func (c *conn) finish() {
 		// Best effort: the device may not be reading.
 		c.write(&pb.ServerFrame{Body: &pb.ServerFrame_Error{Error: c.closeErr}})
 		c.g.cfg.Metrics.FrameErrors.WithLabelValues(c.closeErr.Code.String()).Inc()
-		gr.ws.Close(c.closeCode, c.closeErr.Code.String())
-	} else if c.closeCode == CloseSlowConsumer {
+		gr.ws.Close(websocket.StatusCode(c.closeCode), c.closeErr.Code.String())
+	} else if c.closeCode == uint16(CloseSlowConsumer) {
 		gr.ws.CloseNow()
 	} else {
-		gr.ws.Close(c.closeCode, "")
+		gr.ws.Close(websocket.StatusCode(c.closeCode), "")
 	}
 	gr.cancel() // unblocks the reader
 }

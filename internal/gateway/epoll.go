@@ -129,17 +129,18 @@ type epollState struct {
 	jobs *evJobs
 
 	pending uint64 // entries sent before Synced (pump only)
-	// addr is the source address admit counted (auth.SourceAddr of the
-	// request), released when the connection ends; empty when no cap per
-	// address is set.
-	addr string
+	// addr is the source address admit counted, released when the
+	// connection ends; nil when no cap per address is set.
+	addr *addrSlot
 
 	// pump: 0 idle, 1 running, 2 running and poked again.
 	pump   atomic.Int32
 	flags  atomic.Uint32 // evReady, evDiscard, evEnded, evBroken: each set once, never cleared
 	synced bool          // Synced has been sent (pump only)
-	paused bool          // not read: its queue of messages is full (wmu)
 	linger bool          // shut down once out is written (wmu)
+	// paused: not read, its queue of messages is full (changed with wmu
+	// held, read by the loop without).
+	paused atomic.Bool
 }
 
 // Flags of epollState.
@@ -351,7 +352,7 @@ func (e *epoll) closeLoops() {
 // cluster's directory as session, admitted from source address addr) and
 // hands the connection to an event loop. It reports whether it did: if so,
 // the connection releases addr when it ends.
-func (e *epoll) accept(w http.ResponseWriter, r *http.Request, dev ident.Device, session, addr string) bool {
+func (e *epoll) accept(w http.ResponseWriter, r *http.Request, dev ident.Device, session string, addr *addrSlot) bool {
 	g := e.g
 	fail := func(nc net.Conn, reason string) bool {
 		g.cfg.Metrics.Connects.WithLabelValues(reason).Inc()
@@ -385,9 +386,7 @@ func (e *epoll) accept(w http.ResponseWriter, r *http.Request, dev ident.Device,
 	dev.User = strings.Clone(dev.User)
 	c := newConn(g, dev, nil)
 	c.ev.fd = fd
-	if g.cfg.MaxConnsPerAddr > 0 {
-		c.ev.addr = addr
-	}
+	c.ev.addr = addr
 	drop := func(reason string) bool {
 		c.ev.set(evDiscard)
 		g.cfg.Metrics.Connects.WithLabelValues(reason).Inc()
@@ -473,7 +472,7 @@ func (c *conn) evWantLocked() uint32 {
 	// reported again and again while the socket is not read. (A failed
 	// or closed socket is reported whatever the interest.)
 	var want uint32
-	if !c.ev.paused {
+	if !c.ev.paused.Load() {
 		want = unix.EPOLLIN | unix.EPOLLRDHUP
 	}
 	if c.ev.out != nil {
@@ -501,7 +500,7 @@ func (c *conn) evInterestLocked() {
 // socket is closed or failed.
 func (c *conn) evReadable(buf []byte, hup bool) {
 	s := &c.ev
-	if s.paused && !hup {
+	if s.paused.Load() && !hup {
 		return // read when the queue has drained
 	}
 	fd := int(s.fd) // only this loop changes it
@@ -515,7 +514,7 @@ func (c *conn) evReadable(buf []byte, hup bool) {
 			if !s.has(evBroken) {
 				c.evInput(buf[:n])
 			}
-			if n < len(buf) || s.paused {
+			if n < len(buf) || s.paused.Load() {
 				return
 			}
 			continue
@@ -713,7 +712,7 @@ func (c *conn) evQueue(j evJob) {
 		// Called on the loop (evInput): stop reading until it drains.
 		s := &c.ev
 		s.wmu.Lock()
-		s.paused = true
+		s.paused.Store(true)
 		c.evInterestLocked()
 		s.wmu.Unlock()
 	}
@@ -750,7 +749,7 @@ func (c *conn) evWork() {
 			continue
 		}
 		if !c.ev.has(evDiscard) {
-			c.lastRead.Store(time.Now().UnixNano())
+			c.touch()
 			mt := websocket.MessageBinary
 			if j.text {
 				mt = websocket.MessageText
@@ -766,8 +765,8 @@ func (c *conn) evWork() {
 func (c *conn) evResume(int) {
 	s := &c.ev
 	s.wmu.Lock()
-	if s.paused {
-		s.paused = false
+	if s.paused.Load() {
+		s.paused.Store(false)
 		c.evInterestLocked()
 	}
 	s.wmu.Unlock()
@@ -778,7 +777,7 @@ func (c *conn) evResume(int) {
 // closeGrace to answer the close handshake by closing its end; after that
 // the socket is shut down.
 func (c *conn) evFinish() {
-	if c.closeCode == CloseSlowConsumer {
+	if c.closeCode == uint16(CloseSlowConsumer) {
 		c.evShutdown()
 		return
 	}
@@ -786,10 +785,10 @@ func (c *conn) evFinish() {
 		// Best effort: the device may not be reading.
 		c.write(&pb.ServerFrame{Body: &pb.ServerFrame_Error{Error: c.closeErr}})
 		c.g.cfg.Metrics.FrameErrors.WithLabelValues(c.closeErr.Code.String()).Inc()
-		c.evWriteClose(c.closeCode, c.closeErr.Code.String())
+		c.evWriteClose(websocket.StatusCode(c.closeCode), c.closeErr.Code.String())
 	} else {
 		// Frames still waiting in the batch go before the close frame.
-		c.evWriteClose(c.closeCode, "")
+		c.evWriteClose(websocket.StatusCode(c.closeCode), "")
 	}
 	c.ev.set(evDiscard)
 	c.g.ep.setDeadline(c, closeGrace, false)

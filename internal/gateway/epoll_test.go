@@ -330,7 +330,7 @@ func TestEpollQueuePausesReading(t *testing.T) {
 		*m = append(*m, msg...)
 		c.evQueue(evJob{data: m})
 	}
-	paused := func() bool { c.ev.wmu.Lock(); defer c.ev.wmu.Unlock(); return c.ev.paused }
+	paused := c.ev.paused.Load
 	if !paused() {
 		t.Fatal("not paused with a full queue")
 	}

@@ -119,7 +119,7 @@ type Gateway struct {
 	nconns   int                           // connections in users
 	sessions map[*conn]string              // connection -> session id (with Cluster)
 	watchers map[string]map[*conn]struct{} // user -> subscribers of its presence
-	addrs    map[string]int                // source address -> connections (with MaxConnsPerAddr)
+	addrs    map[string]*addrSlot          // source address -> its connections (with MaxConnsPerAddr)
 	closing  bool
 	wg       sync.WaitGroup
 
@@ -175,7 +175,7 @@ func Open(cfg Config) (*Gateway, error) {
 		users:    map[string]*conn{},
 		sessions: map[*conn]string{},
 		watchers: map[string]map[*conn]struct{}{},
-		addrs:    map[string]int{},
+		addrs:    map[string]*addrSlot{},
 		stop:     make(chan struct{}),
 	}
 	g.seen = newSeenWriter(cfg.Accounts, g.log.Warn)
@@ -248,8 +248,8 @@ const AddrRetryAfter = 5 * time.Second
 func (g *Gateway) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	// The cap on connections per address is checked first: it costs no
 	// lookup, and an address at its cap gets nothing more.
-	addr := auth.SourceAddr(r.RemoteAddr)
-	if !g.admit(addr) {
+	addr, ok := g.admit(auth.SourceAddr(r.RemoteAddr))
+	if !ok {
 		g.cfg.Metrics.Connects.WithLabelValues("too_many_connections").Inc()
 		apierr.Write(w, http.StatusTooManyRequests, apierr.Detail{Code: "rate_limited",
 			Message: "too many connections from this address", RetryAfterMs: AddrRetryAfter.Milliseconds()})
@@ -360,31 +360,45 @@ func (g *Gateway) refuseDraining(w http.ResponseWriter) {
 		Message: "this server is shutting down; reconnect elsewhere", RetryAfterMs: retry.Milliseconds()})
 }
 
+// addrSlot counts the connections from one source address (with
+// MaxConnsPerAddr); a connection keeps a pointer to its address's, so
+// that it holds no copy of the address.
+type addrSlot struct {
+	addr string
+	n    int
+}
+
 // admit counts a connection from addr, unless addr has MaxConnsPerAddr.
-func (g *Gateway) admit(addr string) bool {
+// The slot returned is released by release (nil without a cap).
+func (g *Gateway) admit(addr string) (*addrSlot, bool) {
 	if g.cfg.MaxConnsPerAddr <= 0 {
-		return true
+		return nil, true
 	}
 	g.mu.Lock()
 	defer g.mu.Unlock()
-	if g.addrs[addr] >= g.cfg.MaxConnsPerAddr {
-		return false
+	s := g.addrs[addr]
+	if s == nil {
+		s = &addrSlot{addr: addr}
+		g.addrs[addr] = s
 	}
-	g.addrs[addr]++
-	return true
+	if s.n >= g.cfg.MaxConnsPerAddr {
+		return nil, false
+	}
+	s.n++
+	return s, true
 }
 
-// release forgets a connection admitted from addr, and the admission
+// release forgets a connection admitted with slot s, and the admission
 // count it holds.
-func (g *Gateway) release(addr string) {
+func (g *Gateway) release(s *addrSlot) {
 	g.load.leave()
-	if g.cfg.MaxConnsPerAddr <= 0 {
+	if s == nil {
 		return
 	}
 	g.mu.Lock()
 	defer g.mu.Unlock()
-	if g.addrs[addr]--; g.addrs[addr] <= 0 {
-		delete(g.addrs, addr)
+	if s.n--; s.n <= 0 {
+		delete(g.addrs, s.addr)
 	}
 }
 
@@ -617,7 +631,10 @@ func (g *Gateway) idleSweeper() {
 		case <-g.stop:
 			return
 		case now := <-t.C:
-			limit := now.Add(-g.cfg.IdleTimeout).UnixNano()
+			// Seconds: a connection is idle once the second of its
+			// last frame is before the second IdleTimeout ago, so never
+			// early, and at most a second late.
+			limit := uint32(now.Add(-g.cfg.IdleTimeout).Unix())
 			g.mu.Lock()
 			var idle []*conn
 			for c := range g.connsLocked() {
@@ -717,4 +734,4 @@ func (g *Gateway) Draining() bool {
 var _ delivery.Notifier = (*Gateway)(nil)
 
 // counter for connection ids in logs.
-var connSeq atomic.Uint64
+var connSeq atomic.Uint32

@@ -3,7 +3,6 @@ package gateway
 import (
 	"encoding/binary"
 	"sync"
-	"time"
 	"unicode/utf8"
 
 	"github.com/coder/websocket"
@@ -143,7 +142,7 @@ func (c *conn) evParse(b []byte) {
 		payload := b[h : h+int(n)]
 		ws.Cipher(payload, mask, 0)
 		b = b[h+int(n):]
-		c.lastRead.Store(time.Now().UnixNano())
+		c.touch()
 		c.evFrame(op, fin, payload)
 	}
 }
