@@ -84,7 +84,7 @@ type epoll struct {
 	loops []*evLoop
 	// socks maps a socket descriptor to its connection, for the loops
 	// (epoll hands them the descriptor); nil where none is registered.
-	socks []atomic.Pointer[conn]
+	socks sockTable
 	up    ws.HTTPUpgrader
 
 	maxPending int // bytes a connection may have written and not sent
@@ -103,6 +103,54 @@ type evLoop struct {
 	epfd int
 	wake int // eventfd that ends the loop
 	buf  []byte
+}
+
+// sockTable maps socket descriptors to connections: chunks of
+// sockChunk entries, each made when a descriptor in it is first used, so
+// that a high open-file limit (a million is common in containers) costs
+// nothing until that many sockets are open.
+type sockTable struct {
+	mu     sync.Mutex // serialises making chunks
+	chunks []atomic.Pointer[[sockChunk]atomic.Pointer[conn]]
+}
+
+const sockChunk = 4096
+
+func newSockTable(n int) sockTable {
+	return sockTable{chunks: make([]atomic.Pointer[[sockChunk]atomic.Pointer[conn]], (n+sockChunk-1)/sockChunk)}
+}
+
+// fits reports whether fd has a place in the table.
+func (t *sockTable) fits(fd int32) bool { return fd >= 0 && int(fd)/sockChunk < len(t.chunks) }
+
+// get returns the connection of fd, nil if none.
+func (t *sockTable) get(fd int32) *conn {
+	if !t.fits(fd) {
+		return nil
+	}
+	ch := t.chunks[fd/sockChunk].Load()
+	if ch == nil {
+		return nil
+	}
+	return ch[fd%sockChunk].Load()
+}
+
+// set makes c the connection of fd (nil: none). fd fits.
+func (t *sockTable) set(fd int32, c *conn) {
+	slot := &t.chunks[fd/sockChunk]
+	ch := slot.Load()
+	if ch == nil {
+		if c == nil {
+			return
+		}
+		t.mu.Lock()
+		if ch = slot.Load(); ch == nil {
+			ch = new([sockChunk]atomic.Pointer[conn])
+			slot.Store(ch)
+		}
+		t.mu.Unlock()
+	}
+	ch[fd%sockChunk].Store(c)
 }
 
 // evDeadline is a connection's deadline: at (unix nanos), and whether it
@@ -174,14 +222,14 @@ func newEpoll(g *Gateway) (*epoll, error) {
 	}
 	// Descriptors are below the soft limit (raised to the hard one at
 	// start-up, internal/rlimit).
-	nfd := min(lim.Cur, 1<<24)
+	nfd := min(lim.Cur, 1<<26)
 	n := runtime.GOMAXPROCS(0)
 	e := &epoll{
 		g: g,
 		// Frame handling and mailbox reads: a bounded pool of workers
 		// that live on between jobs.
 		pool:  newWorkers(256*n, g.log),
-		socks: make([]atomic.Pointer[conn], nfd),
+		socks: newSockTable(int(nfd)),
 		// The most a connection may have written and not yet taken by
 		// its socket: a full window of the largest entries, and room for
 		// replies. The write deadline is renewed by each write that
@@ -250,7 +298,7 @@ func (e *epoll) run(l *evLoop) {
 			if int(ev.Fd) == l.wake {
 				return
 			}
-			c := e.socks[ev.Fd].Load()
+			c := e.socks.get(ev.Fd)
 			if c == nil {
 				continue
 			}
@@ -367,7 +415,7 @@ func (e *epoll) accept(w http.ResponseWriter, r *http.Request, dev ident.Device,
 		return fail(nc, "handshake_failed") // Upgrade has written the HTTP error
 	}
 	fd, err := takeSocket(nc)
-	if err != nil || int(fd) >= len(e.socks) {
+	if err != nil || !e.socks.fits(fd) {
 		g.log.Error("epoll transport: cannot take the socket; closing it", "type", fmt.Sprintf("%T", nc), "err", err)
 		if err == nil {
 			unix.Close(int(fd))
@@ -419,13 +467,13 @@ func (e *epoll) accept(w http.ResponseWriter, r *http.Request, dev ident.Device,
 	}
 	// From here on its loop reads it and ends it.
 	l := e.loopOf(fd)
-	e.socks[fd].Store(c)
+	e.socks.set(fd, c)
 	c.ev.wmu.Lock()
 	c.ev.events = c.evWantLocked()
 	err = unix.EpollCtl(l.epfd, unix.EPOLL_CTL_ADD, int(fd), &unix.EpollEvent{Events: c.ev.events, Fd: fd})
 	c.ev.wmu.Unlock()
 	if err != nil {
-		e.socks[fd].Store(nil)
+		e.socks.set(fd, nil)
 		g.log.Error("epoll transport: epoll_ctl add", "err", err)
 		c.ev.wmu.Lock()
 		c.ev.fd = -1
@@ -542,7 +590,7 @@ func (c *conn) evCloseSocket(cause error) {
 		return
 	}
 	_ = unix.EpollCtl(e.loopOf(fd).epfd, unix.EPOLL_CTL_DEL, int(fd), nil)
-	e.socks[fd].Store(nil)
+	e.socks.set(fd, nil)
 	unix.Close(int(fd))
 	s.fd = -1
 	if s.out != nil {

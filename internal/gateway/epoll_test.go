@@ -354,3 +354,28 @@ func TestEpollQueuePausesReading(t *testing.T) {
 func protowireBytes(num protowire.Number, b []byte) []byte {
 	return protowire.AppendBytes(protowire.AppendTag(nil, num, protowire.BytesType), b)
 }
+
+// The socket table makes a chunk only when a descriptor in it is used,
+// and refuses descriptors past the open-file limit it was made for.
+func TestSockTable(t *testing.T) {
+	tb := newSockTable(3 * sockChunk)
+	c := &conn{}
+	if !tb.fits(0) || !tb.fits(3*sockChunk-1) || tb.fits(3*sockChunk) || tb.fits(-1) {
+		t.Fatal("fits: wrong bounds")
+	}
+	tb.set(sockChunk+5, c)
+	if tb.get(sockChunk+5) != c || tb.get(sockChunk+6) != nil || tb.get(5) != nil || tb.get(3*sockChunk) != nil {
+		t.Fatal("get does not return what set stored")
+	}
+	if tb.chunks[0].Load() != nil || tb.chunks[2].Load() != nil {
+		t.Error("chunks made for descriptors never used")
+	}
+	tb.set(7, nil) // clearing an unused chunk makes none
+	if tb.chunks[0].Load() != nil {
+		t.Error("a chunk made to clear an entry")
+	}
+	tb.set(sockChunk+5, nil)
+	if tb.get(sockChunk+5) != nil {
+		t.Error("entry not cleared")
+	}
+}
