@@ -598,8 +598,7 @@ func (c *conn) evCloseSocket(cause error) {
 		s.out = nil
 	}
 	if s.buf != nil {
-		*s.buf = (*s.buf)[:0]
-		batchPool.Put(s.buf)
+		putBuffer(s.buf)
 		s.buf = nil
 	}
 	s.wmu.Unlock()
@@ -777,7 +776,7 @@ func (c *conn) evWork() {
 		if len(q.q) == 0 {
 			c.ev.jobs = nil
 			c.mu.Unlock()
-			c.evResume(0)
+			c.evResume()
 			return
 		}
 		j := q.q[0]
@@ -790,7 +789,7 @@ func (c *conn) evWork() {
 		}
 		c.mu.Unlock()
 		if left >= 0 && left <= maxQueued/2 {
-			c.evResume(left)
+			c.evResume()
 		}
 		if j.fn != nil {
 			j.fn()
@@ -810,7 +809,7 @@ func (c *conn) evWork() {
 }
 
 // evResume reads the socket again if it was paused.
-func (c *conn) evResume(int) {
+func (c *conn) evResume() {
 	s := &c.ev
 	s.wmu.Lock()
 	if s.paused.Load() {

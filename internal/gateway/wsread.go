@@ -2,7 +2,6 @@ package gateway
 
 import (
 	"encoding/binary"
-	"sync"
 	"unicode/utf8"
 
 	"github.com/coder/websocket"
@@ -261,12 +260,8 @@ func (c *conn) evProtocolError(reason string) {
 	}})
 }
 
-// Buffers for messages and for bytes waiting to be written: pooled up to
-// 64 KiB, made to measure above.
-var bufPool = sync.Pool{New: func() any {
-	b := make([]byte, 0, 4<<10)
-	return &b
-}}
+// Buffers for messages and for bytes waiting to be written come from
+// batchPool (evwrite.go) up to 64 KiB, and are made to measure above.
 
 // getBuffer returns an empty buffer with room for at least n bytes.
 func getBuffer(n int) *[]byte {
@@ -274,7 +269,7 @@ func getBuffer(n int) *[]byte {
 		b := make([]byte, 0, n)
 		return &b
 	}
-	return bufPool.Get().(*[]byte)
+	return batchPool.Get().(*[]byte)
 }
 
 // putBuffer returns b to the pool if it is not too large to keep.
@@ -283,5 +278,5 @@ func putBuffer(b *[]byte) {
 		return
 	}
 	*b = (*b)[:0]
-	bufPool.Put(b)
+	batchPool.Put(b)
 }
