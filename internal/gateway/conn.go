@@ -58,7 +58,8 @@ type conn struct {
 	hand handoff // entries handed with their notifications (handoff.go)
 
 	// closing is set once, by the closeWith that closes the connection,
-	// before it sets closeCode and closeErr.
+	// before it sets closeCode and closeErr: they are read by that
+	// closeWith (epoll) or after gr.closed is closed (goroutine).
 	closing   atomic.Bool
 	closeCode uint16    // a websocket.StatusCode
 	closeErr  *pb.Error // nil: the peer went away
@@ -797,6 +798,9 @@ func (c *conn) delivered(env *pb.Envelope, handed bool) {
 func (c *conn) finish() {
 	c.closeWith(0, "", websocket.StatusNormalClosure, 0)
 	gr := c.gr
+	// If another closeWith won, its code and reason are set once it has
+	// closed the channel.
+	<-gr.closed
 	if gr.cc != nil {
 		// Frames held by a writer that stopped half-way go first (best
 		// effort: the connection may be broken).
