@@ -145,6 +145,8 @@ func TestConnectionSettings(t *testing.T) {
 	check("reader journal_mode", "PRAGMA journal_mode", "wal", r)
 	check("reader query_only", "PRAGMA query_only", "1", r)
 	check("reader busy_timeout", "PRAGMA busy_timeout", strconv.Itoa(int(defaultBusyTimeout.Milliseconds())), r)
+	check("reader cache_size", "PRAGMA cache_size", strconv.Itoa(-readerCacheKiB), r)
+	check("writer cache_size", "PRAGMA cache_size", "-2000", w) // SQLite's default
 	if s.w.Stats().MaxOpenConnections != 1 {
 		t.Errorf("writer pool allows %d connections, want 1", s.w.Stats().MaxOpenConnections)
 	}
