@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"os"
 	"runtime"
 	"strings"
 	"sync"
@@ -99,9 +100,24 @@ type epoll struct {
 
 // evLoop is one event loop: an epoll instance, the goroutine waiting on
 // it, and the buffer it reads into.
+//
+// The loop's goroutine does not block in epoll_wait(2). The epoll
+// descriptor is itself pollable (readable while it has events), so it is
+// handed to Go's network poller (os.NewFile on the non-blocking
+// descriptor), and the loop takes its events with a zero timeout and,
+// when there are none, parks on the poller as a net.Conn reader does. A
+// goroutine blocked in a system call holds its thread, and under load
+// the scheduler's monitor takes its P away and wakes another thread to
+// run the others (a futex wake-up each time, and the monitor polling
+// every 20 µs while it keeps finding such calls); a parked goroutine
+// costs nothing, and the runtime collects the readiness with its own
+// polls. If the poller does not take the descriptor, the loop blocks in
+// epoll_wait instead.
 type evLoop struct {
 	epfd int
-	wake int // eventfd that ends the loop
+	wake int             // eventfd that ends the loop
+	file *os.File        // owns epfd
+	rc   syscall.RawConn // epfd on Go's poller; nil: the loop blocks in epoll_wait
 	buf  []byte
 }
 
@@ -273,7 +289,22 @@ func newEvLoop() (*evLoop, error) {
 		unix.Close(wake)
 		return nil, fmt.Errorf("epoll transport: epoll_ctl: %w", err)
 	}
-	return &evLoop{epfd: epfd, wake: wake, buf: make([]byte, evReadBuffer)}, nil
+	l := &evLoop{epfd: epfd, wake: wake, buf: make([]byte, evReadBuffer)}
+	if err := unix.SetNonblock(epfd, true); err != nil {
+		unix.Close(epfd)
+		unix.Close(wake)
+		return nil, fmt.Errorf("epoll transport: %w", err)
+	}
+	// The file owns epfd from here on. Only a descriptor the poller took
+	// supports deadlines; on one it did not, the loop blocks in
+	// epoll_wait (its timeout, not O_NONBLOCK, decides how long).
+	l.file = os.NewFile(uintptr(epfd), "epoll")
+	if l.file.SetReadDeadline(time.Time{}) == nil {
+		if rc, err := l.file.SyscallConn(); err == nil {
+			l.rc = rc
+		}
+	}
+	return l, nil
 }
 
 // loopOf returns the loop of socket fd.
@@ -284,19 +315,22 @@ func (e *epoll) loopOf(fd int32) *evLoop { return e.loops[int(fd)%len(e.loops)] 
 func (e *epoll) run(l *evLoop) {
 	defer e.wg.Done()
 	events := make([]unix.EpollEvent, 256)
-	for {
-		n, err := unix.EpollWait(l.epfd, events, -1)
+	// poll takes the events waiting, up to len(events), waiting at most
+	// timeout ms (-1: for ever), and handles them. It reports whether it
+	// found any, and whether the loop must end.
+	poll := func(timeout int) (found, end bool) {
+		n, err := unix.EpollWait(l.epfd, events, timeout)
 		if err != nil {
 			if errors.Is(err, unix.EINTR) {
-				continue
+				return false, false
 			}
 			e.g.log.Error("epoll transport: epoll_wait; the loop stops", "err", err)
-			return
+			return false, true
 		}
 		for i := range n {
 			ev := &events[i]
 			if int(ev.Fd) == l.wake {
-				return
+				return true, true
 			}
 			c := e.socks.get(ev.Fd)
 			if c == nil {
@@ -310,6 +344,28 @@ func (e *epoll) run(l *evLoop) {
 			if ev.Events&(unix.EPOLLIN|unix.EPOLLRDHUP|unix.EPOLLERR|unix.EPOLLHUP) != 0 {
 				c.evReadable(l.buf, ev.Events&(unix.EPOLLERR|unix.EPOLLHUP) != 0)
 			}
+		}
+		return n > 0, false
+	}
+	if l.rc == nil {
+		for {
+			if _, end := poll(-1); end {
+				return
+			}
+		}
+	}
+	end := false
+	for !end {
+		// Read calls the function until it reports done, parking on the
+		// poller until the descriptor is readable whenever it does not.
+		err := l.rc.Read(func(uintptr) bool {
+			found, stop := poll(0)
+			end = stop
+			return found || stop
+		})
+		if err != nil {
+			e.g.log.Error("epoll transport: waiting for events; the loop stops", "err", err)
+			return
 		}
 	}
 }
@@ -391,7 +447,7 @@ func (e *epoll) shutdown(wait time.Duration) bool {
 
 func (e *epoll) closeLoops() {
 	for _, l := range e.loops {
-		unix.Close(l.epfd)
+		_ = l.file.Close() // and epfd with it
 		unix.Close(l.wake)
 	}
 }
