@@ -236,6 +236,26 @@ func TestTransportEpoll(t *testing.T) {
 	}
 }
 
+// TestServerProcs runs pairs against a child server limited to one core
+// (Options.ServerProcs, `--server-procs`), and checks that the server
+// reports running with it.
+func TestServerProcs(t *testing.T) {
+	t.Parallel()
+	o := childOptions(t)
+	o.ServerProcs = 1
+	o.Pairs, o.Inflight, o.Duration = 2, 2, time.Second
+	res := runOK(t, "pairs", o, 0)
+	if !strings.Contains(res.Server, "GOMAXPROCS=1 ") {
+		t.Errorf("server %q: not started with GOMAXPROCS=1", res.Server)
+	}
+	if res.ServerProcs == nil || *res.ServerProcs != 1 {
+		t.Errorf("server_procs %v, want 1", res.ServerProcs)
+	}
+	if *res.Delivered == 0 || *res.ReceiptsSeen != *res.Delivered {
+		t.Errorf("delivered %d, receipts %d", *res.Delivered, *res.ReceiptsSeen)
+	}
+}
+
 func TestStormRestart(t *testing.T) {
 	t.Parallel()
 	o := childOptions(t)
@@ -264,6 +284,12 @@ func TestBadOptions(t *testing.T) {
 	}
 	if _, err := Run(context.Background(), "pairs", Options{Server: "http://127.0.0.1:1", Transport: "epoll"}); err == nil || !strings.Contains(err.Error(), "child server only") {
 		t.Errorf("--transport with --server: %v", err)
+	}
+	if _, err := Run(context.Background(), "pairs", Options{Server: "http://127.0.0.1:1", ServerProcs: 1}); err == nil || !strings.Contains(err.Error(), "child server only") {
+		t.Errorf("--server-procs with --server: %v", err)
+	}
+	if _, err := Run(context.Background(), "pairs", Options{ServerCmd: []string{"false"}, ServerProcs: -1}); err == nil || !strings.Contains(err.Error(), "--server-procs") {
+		t.Errorf("--server-procs -1: %v", err)
 	}
 	// Nothing listens on port 1: account creation fails with an error,
 	// not a hang or a result.

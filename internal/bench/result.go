@@ -51,6 +51,9 @@ type Result struct {
 	Reconnects      *int64   `json:"reconnect_attempts,omitempty"`
 	Workers         *int64   `json:"bench_processes,omitempty"`
 
+	// ServerProcs is the server's GOMAXPROCS, from its metrics
+	// (go_sched_gomaxprocs_threads).
+	ServerProcs        *int64   `json:"server_procs,omitempty"`
 	ServerCPUSeconds   *float64 `json:"server_cpu_seconds,omitempty"`
 	ServerRSSBytes     *float64 `json:"server_rss_bytes,omitempty"`
 	ServerRSSBaseBytes *float64 `json:"server_rss_base_bytes,omitempty"`

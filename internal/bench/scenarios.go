@@ -29,6 +29,11 @@ type Options struct {
 	// own default (its flag, or $COURIER_TRANSPORT). Only for a child
 	// server.
 	Transport string
+	// ServerProcs, if positive, is the child server's GOMAXPROCS (set in
+	// its environment): how many cores its Go code may use at once.
+	// Zero leaves the runtime's default (every core, or $GOMAXPROCS).
+	// Only for a child server.
+	ServerProcs int
 	// WorkerCmd runs the courier binary for conns worker processes;
 	// "bench conns-worker" is appended. WorkerEnv is added to their
 	// environment.
@@ -130,6 +135,9 @@ func Run(ctx context.Context, scenario string, o Options) (*Result, error) {
 	if o.Via != ViaGroup && o.Via != ViaDirect {
 		return nil, fmt.Errorf("--via %q: want %s or %s", o.Via, ViaGroup, ViaDirect)
 	}
+	if o.ServerProcs < 0 {
+		return nil, fmt.Errorf("--server-procs %d: want a positive number of cores, or 0 for the runtime's default", o.ServerProcs)
+	}
 	raiseFileLimit()
 	var t *target
 	var err error
@@ -141,6 +149,9 @@ func Run(ctx context.Context, scenario string, o Options) (*Result, error) {
 	if o.Server != "" {
 		if o.Transport != "" {
 			return nil, errors.New("--transport applies to the child server only; a server given with --server keeps its own")
+		}
+		if o.ServerProcs != 0 {
+			return nil, errors.New("--server-procs applies to the child server only; a server given with --server keeps its own GOMAXPROCS")
 		}
 		t, err = remoteTarget(o.Server)
 	} else {
@@ -162,7 +173,7 @@ func Run(ctx context.Context, scenario string, o Options) (*Result, error) {
 			// The group is the sender and K receivers.
 			extra = append(extra, "--max-group-members", strconv.Itoa(max(o.K+1, accounts.DefaultMaxGroupMembers)))
 		}
-		t, err = startChild(ctx, o.ServerCmd, o.Transport, extra...)
+		t, err = startChild(ctx, o.ServerCmd, childConfig{transport: o.Transport, procs: o.ServerProcs}, extra...)
 	}
 	if err != nil {
 		return nil, err
@@ -180,6 +191,9 @@ func Run(ctx context.Context, scenario string, o Options) (*Result, error) {
 	if res != nil {
 		res.Scenario = scenario
 		res.Server = t.describe()
+		if v, ok := t.metrics()["go_sched_gomaxprocs_threads"]; ok {
+			res.ServerProcs = i64(int64(v))
+		}
 		if res.BenchCPUSeconds == nil && cpu0 >= 0 {
 			res.BenchCPUSeconds = f64(selfCPU() - cpu0) // the bench process's own CPU, for comparison
 		}

@@ -38,6 +38,7 @@ type target struct {
 	// Child only.
 	argv      []string // command that runs the courier binary
 	transport string   // serve --transport, if set
+	procs     int      // GOMAXPROCS in its environment, if positive
 	extra     []string // more serve flags
 	dir       string   // temporary directory (data and server.log)
 	cmd       *exec.Cmd
@@ -62,15 +63,22 @@ func remoteTarget(raw string) (*target, error) {
 	return &target{base: "http://" + hp, hostport: hp, loopback: (ip != nil && ip.To4() != nil && ip.IsLoopback()) || u.Hostname() == "localhost"}, nil
 }
 
+// childConfig is how a child server is run, besides its flags.
+type childConfig struct {
+	transport string // serve --transport, if set
+	procs     int    // GOMAXPROCS, if positive
+}
+
 // startChild runs `argv... serve --addr 127.0.0.1:0 --data DIR --log-json
-// [--transport T] [extra...]` and waits for its "courier serving" line to
-// learn the address.
-func startChild(ctx context.Context, argv []string, transport string, extra ...string) (*target, error) {
+// [--transport T] [extra...]` (with GOMAXPROCS=N in its environment if
+// c.procs is set) and waits for its "courier serving" line to learn the
+// address.
+func startChild(ctx context.Context, argv []string, c childConfig, extra ...string) (*target, error) {
 	dir, err := os.MkdirTemp("", "courier-bench-*")
 	if err != nil {
 		return nil, err
 	}
-	t := &target{argv: argv, transport: transport, extra: extra, dir: dir, loopback: true}
+	t := &target{argv: argv, transport: c.transport, procs: c.procs, extra: extra, dir: dir, loopback: true}
 	if err := t.start(ctx, "127.0.0.1:0"); err != nil {
 		os.RemoveAll(dir)
 		return nil, err
@@ -87,6 +95,9 @@ func (t *target) start(ctx context.Context, addr string) error {
 	args = append(args, t.extra...)
 	cmd := exec.Command(t.argv[0], args...)
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL} // never outlive the bench
+	if t.procs > 0 {
+		cmd.Env = append(os.Environ(), "GOMAXPROCS="+strconv.Itoa(t.procs))
+	}
 	stderr, err := cmd.StderrPipe()
 	if err != nil {
 		return err
@@ -205,10 +216,14 @@ func (t *target) close() {
 
 func (t *target) describe() string {
 	if pid := t.pid(); pid != 0 {
-		if t.transport != "" {
-			return fmt.Sprintf("child courier serve --transport %s (pid %d) at %s", t.transport, pid, t.base)
+		cmd := "courier serve"
+		if t.procs > 0 {
+			cmd = "GOMAXPROCS=" + strconv.Itoa(t.procs) + " " + cmd
 		}
-		return fmt.Sprintf("child courier serve (pid %d) at %s", pid, t.base)
+		if t.transport != "" {
+			cmd += " --transport " + t.transport
+		}
+		return fmt.Sprintf("child %s (pid %d) at %s", cmd, pid, t.base)
 	}
 	return t.base
 }
