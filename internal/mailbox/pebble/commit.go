@@ -268,6 +268,17 @@ func (s *Store) commitGroup(group []*commitReq) {
 			r.batch = nil
 		}
 	}
+	if sync {
+		// Counted before the commit, so that the sync that covers them
+		// finds them counted (MinSyncInterval).
+		n := 0
+		for _, r := range group {
+			if r.sync {
+				n++
+			}
+		}
+		s.syncedWrites.Add(int64(n))
+	}
 	err := s.protect(func() error {
 		if sync {
 			return s.db.ApplyNoSyncWait(b, pebbledb.Sync)

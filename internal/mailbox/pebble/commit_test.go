@@ -6,6 +6,7 @@ import (
 	"slices"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/cockroachdb/pebble/v2/vfs"
 
@@ -129,5 +130,80 @@ func TestCloseDrainsStartedAppends(t *testing.T) {
 	defer s.Close()
 	if got := readAll(t, s, d); len(got) != 50 {
 		t.Fatalf("after a crash following Close: %d entries, want 50", len(got))
+	}
+}
+
+// MinSyncInterval: after a sync that covered several writes, a synced write
+// that comes within the interval of the last sync waits for the next one,
+// and writes that come meanwhile share it; a lone writer is not held back.
+// (The delay asserted is the configured one, which a slow machine can only
+// lengthen; the lone writer's bound is many times what it needs.)
+func TestMinSyncInterval(t *testing.T) {
+	const interval = 2 * time.Second
+	s := mustOpen(t, "db", Options{FS: vfs.NewMem(), MinSyncInterval: interval})
+	defer s.Close()
+	a := ident.Device{User: "alice", ID: 1}
+	appendOne := func(data string) {
+		t.Helper()
+		if _, err := s.Append(ctx, mailbox.Batch{Items: []mailbox.Item{item(a, data)}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+
+	// A lone writer: every sync covers one write, so none waits.
+	start := time.Now()
+	for i := range 3 {
+		appendOne(fmt.Sprint("alone", i))
+	}
+	if took := time.Since(start); took >= interval {
+		t.Errorf("3 appends by a lone writer took %v; the interval (%v) applied", took, interval)
+	}
+
+	// Concurrent writers: hold the committer so that two appends (to
+	// devices of their own: an append holds its devices' locks until it is
+	// published) queue behind it and are committed as one group.
+	started, release := make(chan struct{}), make(chan struct{})
+	held := make(chan error, 1)
+	go func() { held <- s.runCommit(func() error { close(started); <-release; return nil }) }()
+	<-started
+	appended := make(chan error, 2)
+	for i := range 2 {
+		go func() {
+			_, err := s.Append(ctx, mailbox.Batch{Items: []mailbox.Item{item(ident.Device{User: "bob", ID: uint32(i + 1)}, "together")}})
+			appended <- err
+		}()
+	}
+	for queued := 0; queued < 2; time.Sleep(time.Millisecond) {
+		s.queue.mu.Lock()
+		queued = len(s.queue.reqs)
+		s.queue.mu.Unlock()
+	}
+	close(release)
+	for _, ch := range []chan error{held, appended, appended} {
+		if err := <-ch; err != nil {
+			t.Fatal(err)
+		}
+	}
+	// Within the interval of that group's sync: the next sync waits.
+	start = time.Now()
+	var pending []mailbox.Pending
+	for i := range 3 {
+		p, err := s.StartAppend(ctx, mailbox.Batch{Items: []mailbox.Item{item(ident.Device{User: "carol", ID: uint32(i + 1)}, "next")}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		pending = append(pending, p)
+	}
+	for _, p := range pending {
+		if _, err := p.Wait(ctx); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if waited := time.Since(start); waited < interval/2 {
+		t.Errorf("appends right after a group's sync were durable after %v; the interval is %v", waited, interval)
+	}
+	got, err := s.Read(ctx, a, 0, 10)
+	if err != nil || len(got) != 3 {
+		t.Fatalf("read %d entries, %v", len(got), err)
 	}
 }

@@ -28,6 +28,7 @@ const (
 	DefaultCacheSize         = 32 << 20
 	DefaultMinFreeBytes      = 64 << 20
 	DefaultFreeSpaceInterval = 100 * time.Millisecond
+	DefaultMinSyncInterval   = time.Millisecond
 )
 
 // formatMajorVersion pins Pebble's on-disk format, so that upgrading Pebble
@@ -68,6 +69,20 @@ type Options struct {
 	// FreeSpaceInterval is how long an answer from FreeSpace is reused;
 	// zero means DefaultFreeSpaceInterval, negative asks on every write.
 	FreeSpaceInterval time.Duration
+	// MinSyncInterval is, while writers are concurrent, the least time
+	// from the end of one WAL sync to the start of the next; zero means
+	// DefaultMinSyncInterval, negative syncs as soon as a sync is asked
+	// for. Writes that ask for a sync in between wait for the next one,
+	// which then covers them all: under load the group commit's groups
+	// grow, where each sync would otherwise carry a handful of writes.
+	// It applies only after a sync that followed more than one synced
+	// write (as PostgreSQL's commit_delay applies only with
+	// commit_siblings), so a lone writer is never delayed, and a write
+	// that comes more than the interval after the last sync is synced at
+	// once. Measured on the development VM at 4,000 msg/s: about half
+	// the fdatasyncs, 9-19 % less server CPU per message; no change at
+	// saturation, where groups are large anyway (docs/performance.md).
+	MinSyncInterval time.Duration
 }
 
 // Store is a mailbox.Store kept in a Pebble database. See the package
@@ -112,6 +127,10 @@ type Store struct {
 	// groupsCommitted counts the committer's Pebble commits (the
 	// benchmarks report it).
 	groupsCommitted atomic.Int64
+	// syncedWrites counts the requests committed with a sync since
+	// Pebble's last WAL sync; it decides whether the next sync waits
+	// (MinSyncInterval).
+	syncedWrites *atomic.Int64
 	// highReads counts high-water marks read from Pebble (the tests of
 	// the lock table's kept marks check it).
 	highReads atomic.Int64
@@ -144,6 +163,19 @@ func Open(dir string, opts Options) (*Store, error) {
 		FormatMajorVersion: formatMajorVersion,
 		MemTableSize:       opts.MemTableSize,
 	}
+	syncedWrites := new(atomic.Int64) // synced writes committed since the last WAL sync
+	if minSync := opts.MinSyncInterval; minSync >= 0 {
+		if minSync == 0 {
+			minSync = DefaultMinSyncInterval
+		}
+		// Asked by Pebble's WAL writer after each sync.
+		po.WALMinSyncInterval = func() time.Duration {
+			if syncedWrites.Swap(0) > 1 {
+				return minSync
+			}
+			return 0
+		}
+	}
 	// Every send looks its idempotency key up, and nearly always does not
 	// find it: bloom filters let those lookups skip the tables that cannot
 	// hold it (L0's setting carries to the other levels).
@@ -175,6 +207,8 @@ func Open(dir string, opts Options) (*Store, error) {
 		locks:  newLockTable(),
 		fences: newFenceTable(),
 		failed: make(chan struct{}),
+
+		syncedWrites: syncedWrites,
 	}
 	if err := s.init(dir, opts); err != nil {
 		return nil, errors.Join(err, db.Close())
