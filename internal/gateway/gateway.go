@@ -127,6 +127,8 @@ type Gateway struct {
 
 	ep *epoll // the epoll transport, if chosen
 
+	spares *spares // goroutines for the connections' pipelines
+
 	seen *seenWriter // last-seen times of users gone offline, written in batches
 
 	ops opContexts // contexts for the connections' storage work (conn.go)
@@ -179,6 +181,7 @@ func Open(cfg Config) (*Gateway, error) {
 		stop:     make(chan struct{}),
 	}
 	g.seen = newSeenWriter(cfg.Accounts, g.log.Warn)
+	g.spares = newSpares(g.stop)
 	switch cfg.Transport {
 	case "", TransportGoroutine:
 	case TransportEpoll:

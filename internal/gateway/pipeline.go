@@ -66,7 +66,7 @@ func (p *pipeline) then(fn func()) (start bool) {
 // none.
 func (c *conn) then(fn func()) {
 	if c.pipe.then(fn) {
-		go c.runPipeline()
+		c.g.spares.Go(c.runPipeline)
 	}
 }
 
