@@ -197,6 +197,8 @@ type PendingSend struct {
 	// duplicate); began is a time taken before the first append began.
 	seqs  [][]uint64
 	began time.Time
+	// head is the message's envelope without its payload (StoredEntry.Head).
+	head *pb.Envelope
 	// notified counts the leading parts whose devices have been told: a
 	// part of a fresh send is told as soon as it is durable, without
 	// waiting for the later ones.
@@ -315,7 +317,7 @@ func (s *Service) StartSend(ctx context.Context, req SendRequest) (*PendingSend,
 		}
 		return nil, s.storageError(err)
 	}
-	return &PendingSend{s: s, pending: []mailbox.Pending{p}, parts: [][]mailbox.Item{items}, began: began,
+	return &PendingSend{s: s, pending: []mailbox.Pending{p}, parts: [][]mailbox.Item{items}, began: began, head: env,
 		acc: Accepted{ServerID: serverID, Time: time.UnixMilli(now.UnixMilli())}}, nil
 }
 
@@ -389,7 +391,7 @@ func (p *PendingSend) notifyUpTo(n int) {
 		if p.notified < len(p.seqs) {
 			seqs = p.seqs[p.notified]
 		}
-		p.s.notifyStored(p.parts[p.notified], seqs, p.began)
+		p.s.notifyStored(p.parts[p.notified], seqs, p.began, headers{one: p.head})
 	}
 }
 

@@ -114,7 +114,7 @@ func (s *Service) startGroupSend(ctx context.Context, req SendRequest) (*Pending
 	if err != nil {
 		return fail(err)
 	}
-	p := &PendingSend{s: s, pending: []mailbox.Pending{first}, parts: chunks[:1:1], began: began,
+	p := &PendingSend{s: s, pending: []mailbox.Pending{first}, parts: chunks[:1:1], began: began, head: withoutPayload(env),
 		acc: Accepted{ServerID: env.ServerId, Time: time.UnixMilli(env.ServerTimeMs)}}
 	if len(chunks) == 1 {
 		return p, nil
@@ -131,6 +131,7 @@ func (s *Service) startGroupSend(ctx context.Context, req SendRequest) (*Pending
 			return nil, fmt.Errorf("decode stored acceptance: %w", err)
 		}
 		env.ServerId, env.ServerTimeMs = id, t.UnixMilli()
+		p.head = withoutPayload(env)
 		if items, err = sameItems(env, targets); err != nil {
 			return nil, err
 		}
@@ -185,6 +186,13 @@ func sameItems(env *pb.Envelope, devs []ident.Device) ([]mailbox.Item, error) {
 	return items, nil
 }
 
+// withoutPayload returns a copy of env without its payload.
+func withoutPayload(env *pb.Envelope) *pb.Envelope {
+	head := proto.CloneOf(env)
+	head.Payload = nil
+	return head
+}
+
 // chunk cuts items into runs of at most n.
 func chunk(items []mailbox.Item, n int) [][]mailbox.Item {
 	var out [][]mailbox.Item
@@ -229,7 +237,7 @@ func (s *Service) GroupChanged(ctx context.Context, by ident.Device, ch accounts
 		return nil
 	}
 	now := s.cfg.Now()
-	items, err := sameItems(&pb.Envelope{
+	env := &pb.Envelope{
 		Kind:         pb.EnvelopeKind_ENVELOPE_KIND_GROUP_UPDATE,
 		ServerId:     s.ids.New(now),
 		Sender:       by.User,
@@ -237,7 +245,8 @@ func (s *Service) GroupChanged(ctx context.Context, by ident.Device, ch accounts
 		ServerTimeMs: now.UnixMilli(),
 		Group:        g.ID,
 		GroupUpdate:  up,
-	}, devs)
+	}
+	items, err := sameItems(env, devs)
 	if err != nil {
 		return err
 	}
@@ -267,7 +276,7 @@ func (s *Service) GroupChanged(ctx context.Context, by ident.Device, ch accounts
 		seqs[i] = res.Seqs
 	}
 	for i, c := range chunks {
-		s.notifyStored(c, seqs[i], began)
+		s.notifyStored(c, seqs[i], began, headers{one: env})
 	}
 	return nil
 }

@@ -5,6 +5,7 @@ import (
 
 	"github.com/courier-im/courier/internal/ident"
 	"github.com/courier-im/courier/internal/mailbox"
+	pb "github.com/courier-im/courier/proto/courier/v1"
 )
 
 // EntryNotifier is a Notifier that can be handed the entries themselves:
@@ -32,14 +33,20 @@ type StoredEntry struct {
 	// Began is a time (with its monotonic clock reading) taken before the
 	// append began: no reader can have seen the entry before it.
 	Began time.Time
+	// Head, if not nil, is the envelope Data encodes, without its payload:
+	// what a connection keeps of an entry in flight, so that it need not
+	// decode Data for it. It is shared like Data: never modify it.
+	Head *pb.Envelope
 }
 
 // notifyStored tells the devices of items that the append that began at
 // began has made them durable, with seqs the seqs it took (Result.Seqs),
 // handing each its entry when the Notifier takes entries. Only a durable
 // append may be told. Without seqs (a duplicate) it tells the devices
-// only.
-func (s *Service) notifyStored(items []mailbox.Item, seqs []uint64, began time.Time) {
+// only. heads gives the envelopes of the items without their payloads, as
+// StoredEntry.Head: one for every item (heads.one), or each its own
+// (heads.each[i]); the zero headers means they are not known.
+func (s *Service) notifyStored(items []mailbox.Item, seqs []uint64, began time.Time, heads headers) {
 	en, ok := s.cfg.Notifier.(EntryNotifier)
 	if !ok || len(seqs) != len(items) {
 		for _, it := range items {
@@ -48,6 +55,22 @@ func (s *Service) notifyStored(items []mailbox.Item, seqs []uint64, began time.T
 		return
 	}
 	for i, it := range items {
-		en.NotifyEntry(it.Device, StoredEntry{Seq: seqs[i], Data: it.Data, Began: began})
+		en.NotifyEntry(it.Device, StoredEntry{Seq: seqs[i], Data: it.Data, Began: began, Head: heads.of(i)})
 	}
+}
+
+// headers are the envelopes, without payloads, of the items of an append.
+type headers struct {
+	one  *pb.Envelope   // every item's, if set
+	each []*pb.Envelope // else item i's, if set
+}
+
+func (h headers) of(i int) *pb.Envelope {
+	if h.one != nil {
+		return h.one
+	}
+	if i < len(h.each) {
+		return h.each[i]
+	}
+	return nil
 }

@@ -8,6 +8,8 @@ import (
 
 	"github.com/courier-im/courier/internal/ident"
 	"github.com/courier-im/courier/internal/mailbox"
+	pb "github.com/courier-im/courier/proto/courier/v1"
+	"google.golang.org/protobuf/proto"
 )
 
 // entryRecorder is an EntryNotifier that records what it is told.
@@ -59,6 +61,15 @@ func checkHanded(t *testing.T, r *entryRecorder, mb mailbox.Store, devs []ident.
 		}
 		if got[0].Began.Before(start) || got[0].Began.After(time.Now()) {
 			t.Fatalf("%s: Began %v is not during the call", d, got[0].Began)
+		}
+		// Head is what a connection would otherwise decode from Data.
+		want := new(pb.Envelope)
+		if err := proto.Unmarshal(last.Data, want); err != nil {
+			t.Fatal(err)
+		}
+		want.Payload = nil
+		if got[0].Head == nil || !proto.Equal(got[0].Head, want) {
+			t.Fatalf("%s: handed head %v, want the entry's envelope without payload %v", d, got[0].Head, want)
 		}
 	}
 }
@@ -159,5 +170,36 @@ func TestPlainNotifierIsTold(t *testing.T) {
 	}
 	if rec.plain[bob1] != 1 || rec.plain[alice2] != 1 || len(rec.entries) != 0 {
 		t.Fatalf("told %v, handed %d", rec.plain, len(rec.entries))
+	}
+}
+
+// TestDeliveredItemsHeads: an ack of messages from several senders makes
+// one receipt per sender, and each item's head is its own receipt's
+// envelope.
+func TestDeliveredItemsHeads(t *testing.T) {
+	fx := newGroupFixture(t)
+	envs := []*pb.Envelope{
+		{Kind: pb.EnvelopeKind_ENVELOPE_KIND_MESSAGE, ServerId: "m1", Sender: "alice", SenderDevice: 1, ClientMsgId: "a"},
+		{Kind: pb.EnvelopeKind_ENVELOPE_KIND_MESSAGE, ServerId: "m2", Sender: "carol", SenderDevice: 1, ClientMsgId: "c"},
+		{Kind: pb.EnvelopeKind_ENVELOPE_KIND_MESSAGE, ServerId: "m3", Sender: "alice", SenderDevice: 2, ClientMsgId: "b"},
+	}
+	for _, n := range []int{1, len(envs)} {
+		items, heads, err := fx.svc.deliveredItems(t.Context(), ident.Device{User: "bob", ID: 1}, envs[:n])
+		if err != nil {
+			t.Fatal(err)
+		}
+		want := map[int]int{1: 2, 3: 3}[n] // alice has 2 devices, carol 1
+		if len(items) != want {
+			t.Fatalf("%d senders' messages: %d items, want %d", n, len(items), want)
+		}
+		for i, it := range items {
+			env := new(pb.Envelope)
+			if err := proto.Unmarshal(it.Data, env); err != nil {
+				t.Fatal(err)
+			}
+			if h := heads.of(i); h == nil || !proto.Equal(h, env) {
+				t.Fatalf("item %d (to %s): head %v, want %v", i, it.Device, h, env)
+			}
+		}
 	}
 }

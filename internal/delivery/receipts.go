@@ -50,6 +50,7 @@ type PendingAck struct {
 	acked    []Delivered
 	receipts mailbox.Pending // nil: no receipt for the known envelopes
 	notify   []mailbox.Item
+	heads    headers   // of notify
 	began    time.Time // taken before the receipts' append began
 	// together: the store deleted the entries in the same write as it
 	// appended the receipts (mailbox.DeleteAppender), removing removed.
@@ -76,11 +77,11 @@ func (s *Service) StartAck(ctx context.Context, dev ident.Device, acked []Delive
 			known = append(known, a.Envelope)
 		}
 	}
-	items, err := s.deliveredItems(ctx, dev, known)
+	items, heads, err := s.deliveredItems(ctx, dev, known)
 	if err != nil {
 		return nil, err
 	}
-	p := &PendingAck{s: s, dev: dev, acked: acked, notify: items}
+	p := &PendingAck{s: s, dev: dev, acked: acked, notify: items, heads: heads}
 	if len(items) > 0 {
 		p.began = time.Now()
 		if p.receipts, err = s.startAppend(ctx, mailbox.Batch{Items: items, Time: s.cfg.Now()}); err != nil {
@@ -142,8 +143,8 @@ func (s *Service) startAckTogether(ctx context.Context, da mailbox.DeleteAppende
 			}
 			envs = append(envs, env)
 		}
-		items, err := s.deliveredItems(ctx, dev, envs)
-		p.notify = items
+		items, heads, err := s.deliveredItems(ctx, dev, envs)
+		p.notify, p.heads = items, heads
 		return items, err
 	}
 	p.began = time.Now()
@@ -176,7 +177,7 @@ func (p *PendingAck) Wait(ctx context.Context) error {
 			return s.storageError(err)
 		}
 		if len(p.notify) > 0 {
-			s.receiptsStored(p.notify, res.Seqs, p.began, pb.ReceiptType_RECEIPT_TYPE_DELIVERED)
+			s.receiptsStored(p.notify, p.heads, res.Seqs, p.began, pb.ReceiptType_RECEIPT_TYPE_DELIVERED)
 		}
 	}
 	if p.together {
@@ -219,16 +220,17 @@ func (p *PendingAck) Wait(ctx context.Context) error {
 // emitDelivered appends DELIVERED receipts for the messages among envs that
 // another user sent: one receipt per sender, listing its messages.
 func (s *Service) emitDelivered(ctx context.Context, by ident.Device, envs []*pb.Envelope) error {
-	items, err := s.deliveredItems(ctx, by, envs)
+	items, heads, err := s.deliveredItems(ctx, by, envs)
 	if err != nil {
 		return err
 	}
-	return s.appendReceipts(ctx, items, pb.ReceiptType_RECEIPT_TYPE_DELIVERED)
+	return s.appendReceipts(ctx, items, heads, pb.ReceiptType_RECEIPT_TYPE_DELIVERED)
 }
 
 // deliveredItems builds the DELIVERED receipts for the messages among envs
-// that another user sent, one per sender, for every device of the sender.
-func (s *Service) deliveredItems(ctx context.Context, by ident.Device, envs []*pb.Envelope) ([]mailbox.Item, error) {
+// that another user sent, one per sender, for every device of the sender,
+// and returns them with their envelopes.
+func (s *Service) deliveredItems(ctx context.Context, by ident.Device, envs []*pb.Envelope) ([]mailbox.Item, headers, error) {
 	var order []string
 	bySender := map[string][]*pb.MessageRef{}
 	for _, env := range envs {
@@ -241,17 +243,31 @@ func (s *Service) deliveredItems(ctx context.Context, by ident.Device, envs []*p
 		bySender[env.Sender] = append(bySender[env.Sender], &pb.MessageRef{ServerId: env.ServerId, ClientMsgId: env.ClientMsgId})
 	}
 	if len(order) == 0 {
-		return nil, nil
+		return nil, headers{}, nil
 	}
-	var items []mailbox.Item
-	for _, sender := range order {
-		it, err := s.receiptItems(ctx, by, sender, pb.ReceiptType_RECEIPT_TYPE_DELIVERED, bySender[sender])
+	var (
+		items []mailbox.Item
+		heads headers
+	)
+	for n, sender := range order {
+		it, head, err := s.receiptItems(ctx, by, sender, pb.ReceiptType_RECEIPT_TYPE_DELIVERED, bySender[sender])
 		if err != nil {
-			return nil, err
+			return nil, headers{}, err
+		}
+		switch {
+		case len(order) == 1:
+			heads.one = head
+		case n == 0:
+			heads.each = make([]*pb.Envelope, 0, len(order)*len(it))
+			fallthrough
+		default:
+			for range it {
+				heads.each = append(heads.each, head)
+			}
 		}
 		items = append(items, it...)
 	}
-	return items, nil
+	return items, heads, nil
 }
 
 // Read reports that the user of device by has read messages sent by sender:
@@ -271,30 +287,32 @@ func (s *Service) Read(ctx context.Context, by ident.Device, sender string, msgs
 	if sender == by.User {
 		return s.refuse(pb.RefusalCode_REFUSAL_CODE_INVALID, "read receipts go to another user")
 	}
-	items, err := s.receiptItems(ctx, by, sender, pb.ReceiptType_RECEIPT_TYPE_READ, msgs)
+	items, head, err := s.receiptItems(ctx, by, sender, pb.ReceiptType_RECEIPT_TYPE_READ, msgs)
 	if errors.Is(err, accounts.ErrNotFound) {
 		return s.refuse(pb.RefusalCode_REFUSAL_CODE_UNKNOWN_RECIPIENT, "no user %q", sender)
 	}
 	if err != nil {
 		return err
 	}
-	return s.appendReceipts(ctx, items, pb.ReceiptType_RECEIPT_TYPE_READ)
+	return s.appendReceipts(ctx, items, headers{one: head}, pb.ReceiptType_RECEIPT_TYPE_READ)
 }
 
-func (s *Service) receiptItems(ctx context.Context, by ident.Device, sender string, typ pb.ReceiptType, msgs []*pb.MessageRef) ([]mailbox.Item, error) {
+// receiptItems builds a receipt of typ from by for msgs, addressed to every
+// device of sender, and returns it with its envelope.
+func (s *Service) receiptItems(ctx context.Context, by ident.Device, sender string, typ pb.ReceiptType, msgs []*pb.MessageRef) ([]mailbox.Item, *pb.Envelope, error) {
 	devs, err := s.cfg.Accounts.Devices(ctx, sender)
 	if errors.Is(err, accounts.ErrNotFound) {
 		// The sender's account is gone: there is nobody to tell.
 		if typ == pb.ReceiptType_RECEIPT_TYPE_DELIVERED {
-			return nil, nil
+			return nil, nil, nil
 		}
-		return nil, err
+		return nil, nil, err
 	}
 	if err != nil {
-		return nil, s.storageError(err)
+		return nil, nil, s.storageError(err)
 	}
 	now := s.cfg.Now()
-	data, err := proto.Marshal(&pb.Envelope{
+	env := &pb.Envelope{
 		Kind:         pb.EnvelopeKind_ENVELOPE_KIND_RECEIPT,
 		ServerId:     s.ids.New(now),
 		Sender:       by.User,
@@ -302,18 +320,19 @@ func (s *Service) receiptItems(ctx context.Context, by ident.Device, sender stri
 		ServerTimeMs: now.UnixMilli(),
 		To:           sender,
 		Receipt:      &pb.Receipt{Type: typ, Messages: msgs},
-	})
+	}
+	data, err := proto.Marshal(env)
 	if err != nil {
-		return nil, fmt.Errorf("encode receipt: %w", err)
+		return nil, nil, fmt.Errorf("encode receipt: %w", err)
 	}
 	items := make([]mailbox.Item, len(devs))
 	for i, d := range devs {
 		items[i] = mailbox.Item{Device: ident.Device{User: sender, ID: d.ID}, Data: data}
 	}
-	return items, nil
+	return items, env, nil
 }
 
-func (s *Service) appendReceipts(ctx context.Context, items []mailbox.Item, typ pb.ReceiptType) error {
+func (s *Service) appendReceipts(ctx context.Context, items []mailbox.Item, heads headers, typ pb.ReceiptType) error {
 	if len(items) == 0 {
 		return nil
 	}
@@ -325,16 +344,16 @@ func (s *Service) appendReceipts(ctx context.Context, items []mailbox.Item, typ 
 		}
 		return s.storageError(err)
 	}
-	s.receiptsStored(items, res.Seqs, began, typ)
+	s.receiptsStored(items, heads, res.Seqs, began, typ)
 	return nil
 }
 
 // receiptsStored counts durable receipts and tells their devices, handing
 // them the entries (notifyStored) that the append begun at began stored
 // as seqs.
-func (s *Service) receiptsStored(items []mailbox.Item, seqs []uint64, began time.Time, typ pb.ReceiptType) {
+func (s *Service) receiptsStored(items []mailbox.Item, heads headers, seqs []uint64, began time.Time, typ pb.ReceiptType) {
 	s.cfg.Metrics.Receipts.WithLabelValues(receiptName(typ)).Inc()
-	s.notifyStored(items, seqs, began)
+	s.notifyStored(items, seqs, began, heads)
 }
 
 func receiptName(t pb.ReceiptType) string {

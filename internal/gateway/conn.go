@@ -684,7 +684,7 @@ func (c *conn) writer() {
 		if len(handed) > 0 {
 			c.corkStart()
 			for _, e := range handed {
-				env := c.track(e.Seq, e.Data)
+				env := c.track(e.Seq, e.Data, e.Head)
 				if env == nil {
 					continue
 				}
@@ -717,7 +717,7 @@ func (c *conn) writer() {
 			// write.
 			c.corkStart()
 			for _, e := range entries {
-				env := c.track(e.Seq, e.Data)
+				env := c.track(e.Seq, e.Data, nil)
 				if env == nil {
 					continue
 				}
@@ -762,17 +762,21 @@ func (c *conn) writer() {
 
 // track records the entry seq, whose encoded envelope is data, as sent
 // and in flight, before it is written (the device may ack it at once),
-// and returns its envelope (payload dropped). An entry that cannot be
+// and returns its envelope (payload dropped): head, if the append handed
+// it over (shared, read-only), else data decoded. An entry that cannot be
 // decoded (the store would have to be corrupt) is skipped rather than
 // wedge the mailbox, and said so: track returns nil.
-func (c *conn) track(seq uint64, data []byte) *pb.Envelope {
-	env := new(pb.Envelope)
-	if err := proto.Unmarshal(data, env); err != nil {
-		c.logger().Error("undecodable mailbox entry skipped", "seq", seq, "err", err)
-		c.lastSent.Store(seq)
-		return nil
+func (c *conn) track(seq uint64, data []byte, head *pb.Envelope) *pb.Envelope {
+	env := head
+	if env == nil {
+		env = new(pb.Envelope)
+		if err := proto.Unmarshal(data, env); err != nil {
+			c.logger().Error("undecodable mailbox entry skipped", "seq", seq, "err", err)
+			c.lastSent.Store(seq)
+			return nil
+		}
+		env.Payload = nil
 	}
-	env.Payload = nil
 	c.mu.Lock()
 	c.setInflight(seq, env)
 	c.mu.Unlock()

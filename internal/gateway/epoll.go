@@ -994,7 +994,7 @@ func (c *conn) sendPending() bool {
 		c.mu.Unlock()
 		handed, read := c.hand.next(c.lastSent.Load(), room)
 		for _, e := range handed {
-			env := c.track(e.Seq, e.Data)
+			env := c.track(e.Seq, e.Data, e.Head)
 			if env == nil {
 				continue
 			}
@@ -1025,7 +1025,7 @@ func (c *conn) sendPending() bool {
 		for _, e := range entries {
 			// In flight before it is written: the device may ack it at
 			// once.
-			env := c.track(e.Seq, e.Data)
+			env := c.track(e.Seq, e.Data, nil)
 			if env == nil {
 				continue
 			}
