@@ -118,8 +118,10 @@ func mayEmitReceipts(dev ident.Device, acked []Delivered) bool {
 func (s *Service) startAckTogether(ctx context.Context, da mailbox.DeleteAppender, dev ident.Device, acked []Delivered) (*PendingAck, error) {
 	p := &PendingAck{s: s, dev: dev, acked: acked, together: true}
 	seqs := make([]uint64, len(acked))
+	known := true
 	for i, a := range acked {
 		seqs[i] = a.Seq
+		known = known && a.Envelope != nil
 	}
 	// Called by the store with what it removed, under the device's delete
 	// lock: it builds the receipts from the envelopes known, decoding only
@@ -148,7 +150,8 @@ func (s *Service) startAckTogether(ctx context.Context, da mailbox.DeleteAppende
 		return items, err
 	}
 	p.began = time.Now()
-	removed, pend, err := da.StartDeleteAppend(ctx, mailbox.DeleteAppend{Device: dev, Seqs: seqs, Then: then, Time: s.cfg.Now()})
+	// With every envelope known, the store need not read the entries.
+	removed, pend, err := da.StartDeleteAppend(ctx, mailbox.DeleteAppend{Device: dev, Seqs: seqs, Then: then, Time: s.cfg.Now(), SeqsOnly: known})
 	if err != nil {
 		var ref *Refusal
 		switch {
@@ -190,7 +193,7 @@ func (p *PendingAck) Wait(ctx context.Context) error {
 		seqs = append(seqs, a.Seq)
 		unknown = unknown || a.Envelope == nil
 	}
-	removed, err := s.cfg.Mailbox.Delete(ctx, dev, seqs)
+	removed, err := s.deleteAcked(ctx, dev, seqs, !unknown)
 	if err != nil {
 		return fmt.Errorf("delete acked entries: %w", err)
 	}
@@ -215,6 +218,26 @@ func (p *PendingAck) Wait(ctx context.Context) error {
 		late = append(late, env)
 	}
 	return s.emitDelivered(ctx, dev, late)
+}
+
+// deleteAcked deletes dev's entries seqs and returns those it removed; if
+// known (the caller knows their envelopes), entries may come back with
+// their Seq only, which spares a store that has DeleteAppender reading
+// them.
+func (s *Service) deleteAcked(ctx context.Context, dev ident.Device, seqs []uint64, known bool) ([]mailbox.Entry, error) {
+	da, ok := s.cfg.Mailbox.(mailbox.DeleteAppender)
+	if !ok || !known {
+		return s.cfg.Mailbox.Delete(ctx, dev, seqs)
+	}
+	removed, p, err := da.StartDeleteAppend(ctx, mailbox.DeleteAppend{Device: dev, Seqs: seqs, SeqsOnly: true})
+	if err != nil {
+		return nil, err
+	}
+	// Appending nothing, it is not synced: Wait only sees it written.
+	if _, err := p.Wait(ctx); err != nil {
+		return nil, err
+	}
+	return removed, nil
 }
 
 // emitDelivered appends DELIVERED receipts for the messages among envs that

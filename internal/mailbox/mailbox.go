@@ -140,6 +140,10 @@ type DeleteAppend struct {
 	Then func(removed []Entry) ([]Item, error)
 	// Time is the append time recorded in every item; zero means now.
 	Time time.Time
+	// SeqsOnly says the caller needs only the seqs of the removed entries
+	// (it knows their envelopes): the store may then pass and return
+	// entries with Seq alone, and skip reading entries it knows present.
+	SeqsOnly bool
 }
 
 // Depther is an optional capability: the number of entries held across all

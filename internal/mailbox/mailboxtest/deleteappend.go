@@ -316,3 +316,118 @@ func testCrashDeleteAppendAtomic(t *testing.T, b Backend) {
 		}
 	}
 }
+
+// seqReceiptsFor is receiptsFor for entries that may carry their Seq
+// only (DeleteAppend.SeqsOnly): a receipt names the seq.
+func seqReceiptsFor(d ident.Device) func([]mailbox.Entry) ([]mailbox.Item, error) {
+	return func(removed []mailbox.Entry) ([]mailbox.Item, error) {
+		items := make([]mailbox.Item, len(removed))
+		for i, e := range removed {
+			items[i] = mailbox.Item{Device: d, Data: fmt.Append(nil, "r", e.Seq)}
+		}
+		return items, nil
+	}
+}
+
+// testDeleteAppendSeqsOnly: acks that need only the seqs (SeqsOnly), acks
+// that need the entries, plain deletes and an expiry race for the same
+// entries; each entry is removed once, and a SeqsOnly ack of an entry
+// already removed, by any of them, removes nothing.
+func testDeleteAppendSeqsOnly(t *testing.T, b Backend) {
+	st := open(t, b)
+	da := deleteAppender(t, st)
+	const n, ackers = 90, 6
+	rcpt, snd := dev("uma", 1), dev("ugo", 1)
+	items := make([]mailbox.Item, n)
+	for i := range items {
+		items[i] = mailbox.Item{Device: rcpt, Data: fmt.Append(nil, i)}
+	}
+	seqs := mustAppend(t, st, mailbox.Batch{Items: items}).Seqs
+	byData := map[string]uint64{}
+	for i, s := range seqs {
+		byData[string(items[i].Data)] = s
+	}
+	errs := make([]error, ackers)
+	removed := make([][]uint64, ackers)
+	start := make(chan struct{})
+	var wg sync.WaitGroup
+	for g := range ackers {
+		wg.Go(func() {
+			<-start
+			order := slices.Clone(seqs)
+			if g%2 == 1 {
+				slices.Reverse(order)
+			}
+			for len(order) > 0 && errs[g] == nil {
+				k := min(len(order), 1+g%4)
+				var got []mailbox.Entry
+				switch g % 3 {
+				case 0, 1: // an ack, with or without the entries
+					var p mailbox.Pending
+					got, p, errs[g] = da.StartDeleteAppend(ctx, mailbox.DeleteAppend{Device: rcpt, Seqs: order[:k],
+						Then: seqReceiptsFor(snd), SeqsOnly: g%3 == 0})
+					if errs[g] == nil {
+						_, errs[g] = p.Wait(ctx)
+					}
+				case 2:
+					got, errs[g] = st.Delete(ctx, rcpt, order[:k])
+				}
+				for _, e := range got {
+					if g%3 != 0 && byData[string(e.Data)] != e.Seq {
+						errs[g] = fmt.Errorf("entry %d returned with data %q", e.Seq, e.Data)
+					}
+					removed[g] = append(removed[g], e.Seq)
+				}
+				order = order[k:]
+			}
+		})
+	}
+	close(start)
+	wg.Wait()
+	count := map[uint64]int{}
+	viaAck := 0
+	for g := range ackers {
+		if errs[g] != nil {
+			t.Fatalf("acker %d: %v", g, errs[g])
+		}
+		for _, s := range removed[g] {
+			count[s]++
+		}
+		if g%3 != 2 {
+			viaAck += len(removed[g])
+		}
+	}
+	for _, s := range seqs {
+		if count[s] != 1 {
+			t.Fatalf("seq %d removed %d times, want exactly 1", s, count[s])
+		}
+	}
+	if got := len(readAll(t, st, snd)); got != viaAck {
+		t.Errorf("sender holds %d receipts, want %d (one per entry an ack removed)", got, viaAck)
+	}
+	if dp, ok := st.(mailbox.Depther); ok && dp.Depth() != int64(viaAck) {
+		t.Errorf("Depth = %d, want %d", dp.Depth(), viaAck)
+	}
+	// Removed already: nothing to remove, nothing appended.
+	if got, res := mustDeleteAppend(t, da, mailbox.DeleteAppend{Device: rcpt, Seqs: seqs, Then: seqReceiptsFor(snd), SeqsOnly: true}); len(got) != 0 || len(res.Seqs) != 0 {
+		t.Fatalf("SeqsOnly ack of removed entries removed %v and appended %v", seqsOf(got), res.Seqs)
+	}
+
+	// Entries that expired are gone for a SeqsOnly ack too.
+	old := mustAppend(t, st, mailbox.Batch{Items: items[:5], Time: time.Now().Add(-time.Hour)}).Seqs
+	if _, err := st.Expire(ctx, time.Now().Add(-time.Minute)); err != nil {
+		t.Fatal(err)
+	}
+	if got, res := mustDeleteAppend(t, da, mailbox.DeleteAppend{Device: rcpt, Seqs: old, Then: seqReceiptsFor(snd), SeqsOnly: true}); len(got) != 0 || len(res.Seqs) != 0 {
+		t.Fatalf("SeqsOnly ack of expired entries removed %v and appended %v", seqsOf(got), res.Seqs)
+	}
+	// And entries that are there are removed, with their seqs.
+	fresh := mustAppend(t, st, mailbox.Batch{Items: items[:3]}).Seqs
+	got, res := mustDeleteAppend(t, da, mailbox.DeleteAppend{Device: rcpt, Seqs: fresh, Then: seqReceiptsFor(snd), SeqsOnly: true})
+	if !slices.Equal(seqsOf(got), fresh) || len(res.Seqs) != len(fresh) {
+		t.Fatalf("SeqsOnly ack of %v removed %v and appended %v", fresh, seqsOf(got), res.Seqs)
+	}
+	if left := readAll(t, st, rcpt); len(left) != 0 {
+		t.Fatalf("%d entries left, want none", len(left))
+	}
+}

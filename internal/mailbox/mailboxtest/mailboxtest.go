@@ -65,6 +65,7 @@ func Run(t *testing.T, newBackend func(t *testing.T) Backend) {
 		{"DeleteAppend", false, testDeleteAppend},
 		{"DeleteAppendErrors", false, testDeleteAppendErrors},
 		{"DeleteAppendConcurrent", false, testDeleteAppendConcurrent},
+		{"DeleteAppendSeqsOnly", false, testDeleteAppendSeqsOnly},
 		{"CrashKeepsAppends", true, testCrashKeepsAppends},
 		{"CrashKeepsHighWater", true, testCrashKeepsHighWater},
 		{"CrashDeleteAppendAtomic", true, testCrashDeleteAppendAtomic},

@@ -268,6 +268,17 @@ func (s *Store) commitGroup(group []*commitReq) {
 			r.batch = nil
 		}
 	}
+	// The appends' entries are known present from now on (live.go):
+	// added before the apply makes them visible, so that no delete can
+	// find one the set does not know yet and the set then learn of it
+	// after the delete; an apply that fails fails the store.
+	for _, r := range group {
+		if r.isAppend {
+			for i, id := range r.fencedIDs {
+				s.live.add(id, r.fenced[i], r.highs[i])
+			}
+		}
+	}
 	if sync {
 		// Counted before the commit, so that the sync that covers them
 		// finds them counted (MinSyncInterval).

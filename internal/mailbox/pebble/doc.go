@@ -64,7 +64,10 @@
 // Delete reads the entries and deletes them in one batch under a
 // per-device delete lock (separate from the append lock: deletes touch only
 // existing seqs, appends only new ones), so concurrent deletes of the same
-// entry return and count it once. Deletes are not synced.
+// entry return and count it once. Deletes are not synced. A delete that
+// needs only the seqs (mailbox.DeleteAppend.SeqsOnly) does not read the
+// entries the store knows present: those this process appended and has
+// not deleted since, up to Options.LiveEntries of them (live.go).
 // StartDeleteAppend (mailbox.DeleteAppender, an acknowledgement and its
 // receipts) writes the deletions and the appended entries into one batch,
 // taking the items' append locks while it holds the delete lock (no path

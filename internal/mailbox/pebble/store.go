@@ -83,6 +83,11 @@ type Options struct {
 	// the fdatasyncs, 9-19 % less server CPU per message; no change at
 	// saturation, where groups are large anyway (docs/performance.md).
 	MinSyncInterval time.Duration
+	// LiveEntries is how many of the entries it appended the store
+	// remembers as present until they are deleted, so that an ack that
+	// only needs to know an entry is there does not read it (live.go);
+	// zero means DefaultLiveEntries, negative turns it off.
+	LiveEntries int
 }
 
 // Store is a mailbox.Store kept in a Pebble database. See the package
@@ -134,6 +139,11 @@ type Store struct {
 	// highReads counts high-water marks read from Pebble (the tests of
 	// the lock table's kept marks check it).
 	highReads atomic.Int64
+	// live is the set of entries known present (live.go); nil if off.
+	live *liveSet
+	// entryReads counts entries a delete read to learn whether they are
+	// present (the tests of live check it).
+	entryReads atomic.Int64
 }
 
 var (
@@ -230,6 +240,12 @@ func (s *Store) init(dir string, opts Options) error {
 		return err
 	}
 	s.depth.Store(n)
+	switch {
+	case opts.LiveEntries == 0:
+		s.live = newLiveSet(DefaultLiveEntries)
+	case opts.LiveEntries > 0:
+		s.live = newLiveSet(opts.LiveEntries)
+	}
 
 	if opts.MinFreeBytes < 0 {
 		return nil
@@ -716,7 +732,7 @@ func (s *Store) Delete(ctx context.Context, dev ident.Device, seqs []uint64) ([]
 	defer s.locks.release(l)
 
 	batch := s.db.NewBatch()
-	out, err := s.deleteInto(batch, id, seqs)
+	out, err := s.deleteInto(batch, id, seqs, false)
 	if err != nil || len(out) == 0 {
 		batch.Close()
 		return nil, err
@@ -730,11 +746,26 @@ func (s *Store) Delete(ctx context.Context, dev ident.Device, seqs []uint64) ([]
 
 // deleteInto writes into batch the deletion of the entries of device id
 // with the given seqs (sorted, without duplicates) that are present, and
-// returns those entries. The caller holds the device's delete lock.
-func (s *Store) deleteInto(batch *pebbledb.Batch, id []byte, seqs []uint64) ([]mailbox.Entry, error) {
+// returns those entries; with seqsOnly, an entry known present (live.go)
+// is not read, and returned with its Seq only. The caller holds the
+// device's delete lock.
+func (s *Store) deleteInto(batch *pebbledb.Batch, id []byte, seqs []uint64, seqsOnly bool) ([]mailbox.Entry, error) {
 	var out []mailbox.Entry
+	var idStr string
+	if s.live != nil {
+		idStr = string(id)
+	}
 	for _, seq := range seqs {
 		k := entryKey(id, seq)
+		// Taken out of the set either way: the entry is being deleted.
+		if s.live.take(idStr, seq) && seqsOnly {
+			out = append(out, mailbox.Entry{Seq: seq})
+			if err := batch.SingleDelete(k, nil); err != nil {
+				return nil, err
+			}
+			continue
+		}
+		s.entryReads.Add(1)
 		v, closer, err := s.db.Get(k)
 		if errors.Is(err, pebbledb.ErrNotFound) {
 			continue
@@ -799,7 +830,7 @@ func (s *Store) StartDeleteAppend(ctx context.Context, d mailbox.DeleteAppend) (
 			batch.Close()
 		}
 	}()
-	removed, err := s.deleteInto(batch, id, seqs)
+	removed, err := s.deleteInto(batch, id, seqs, d.SeqsOnly)
 	if err != nil {
 		return nil, nil, err
 	}
@@ -982,6 +1013,9 @@ func (s *Store) deleteEntries(ctx context.Context, keys [][]byte) (int, error) {
 			return 0, fmt.Errorf("mailbox/pebble: %w", err)
 		}
 		closer.Close()
+		if id, seq, ok := splitEntryKey(k); ok {
+			s.live.take(string(id), seq)
+		}
 		if err := batch.SingleDelete(k, nil); err != nil {
 			batch.Close()
 			return 0, err
