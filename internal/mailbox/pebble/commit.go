@@ -280,15 +280,21 @@ func (s *Store) commitGroup(group []*commitReq) {
 		}
 	}
 	if sync {
-		// Counted before the commit, so that the sync that covers them
-		// finds them counted (MinSyncInterval).
+		// Writers are concurrent if this group carries more than one
+		// synced write, or one arrives while another is not yet durable;
+		// set before the commit, so that the sync that covers them finds
+		// it set (MinSyncInterval). A lone writer's next write comes only
+		// once its last is durable (the syncer uncounts it first), so it
+		// never sets it, however late Pebble asks after a sync.
 		n := 0
 		for _, r := range group {
 			if r.sync {
 				n++
 			}
 		}
-		s.syncedWrites.Add(int64(n))
+		if before := s.syncPending.Add(int64(n)) - int64(n); n > 1 || before > 0 {
+			s.concurrentSyncs.Store(true)
+		}
 	}
 	err := s.protect(func() error {
 		if sync {
@@ -345,6 +351,7 @@ func (s *Store) syncer() {
 			err = s.failOn(err)
 			g.batch.Close()
 		}
+		s.syncPending.Add(-int64(len(g.reqs)))
 		for _, r := range g.reqs {
 			r.complete(s, err)
 		}
