@@ -351,10 +351,47 @@ func (s *Store) Append(ctx context.Context, b mailbox.Batch) (mailbox.Result, er
 	}
 }
 
+// noLeaderWait bounds how long publish retries while the stream has no
+// leader: an election takes well under a second.
+const noLeaderWait = 5 * time.Second
+
 // publish stores msgs atomically and returns their stream sequences. One
 // message is a plain JetStream publish; more are one atomic batch, whose
 // messages the stream stores under consecutive sequences.
+//
+// A publish that meets "no responders" reached no server that stores the
+// stream, so nothing of it was stored: the stream is electing a leader
+// (just created, or its leader failed), or is gone. It is sent again
+// after a pause that grows, for up to noLeaderWait (or ctx), so that an
+// election does not turn into refused sends.
 func (s *Store) publish(ctx context.Context, msgs []outMsg) ([]uint64, error) {
+	var (
+		deadline time.Time
+		pause    = 5 * time.Millisecond
+	)
+	for {
+		seqs, err := s.publishOnce(ctx, msgs)
+		if !errors.Is(err, errNoResponders) {
+			return seqs, err
+		}
+		now := time.Now()
+		if deadline.IsZero() {
+			deadline = now.Add(noLeaderWait)
+		}
+		if now.Add(pause).After(deadline) {
+			return nil, err
+		}
+		select {
+		case <-time.After(pause):
+		case <-ctx.Done():
+			return nil, err
+		}
+		pause = min(2*pause, 200*time.Millisecond)
+	}
+}
+
+// publishOnce is one attempt of publish.
+func (s *Store) publishOnce(ctx context.Context, msgs []outMsg) ([]uint64, error) {
 	headers := func(m outMsg) nats.Header {
 		h := nats.Header{hdrTime: []string{m.ts}}
 		if m.expNone {
