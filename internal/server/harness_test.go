@@ -99,6 +99,10 @@ type wsClient struct {
 	a      account
 	ws     *websocket.Conn
 	frames chan *pb.ServerFrame
+	// held holds, in order, frames that request read while waiting for
+	// its reply: they come before anything still in frames. Only the
+	// test's goroutine reads frames (next, request), so held needs no lock.
+	held   []*pb.ServerFrame
 	done   chan struct{}
 	err    error // why reading stopped, after done
 	nextID atomic.Uint64
@@ -157,6 +161,11 @@ func (c *wsClient) readLoop() {
 // next returns the next frame, failing the test after timeout.
 func (c *wsClient) next(timeout time.Duration) *pb.ServerFrame {
 	c.t.Helper()
+	if len(c.held) > 0 {
+		f := c.held[0]
+		c.held = c.held[1:]
+		return f
+	}
 	select {
 	case f := <-c.frames:
 		return f
@@ -230,23 +239,22 @@ func (c *wsClient) request(f *pb.ClientFrame) *pb.ServerFrame {
 	c.t.Helper()
 	f.Id = c.nextID.Add(1)
 	c.write(f)
+	// Frames that come before the reply go back in front, in order. (They
+	// used to be pushed back into frames, behind which the read loop could
+	// slip a later frame: a Synced ahead of the deliveries before it.)
+	held := c.held
+	c.held = nil
 	var other []*pb.ServerFrame
-	defer func() {
-		// Put the frames that came first back in front, in order.
-		if len(other) == 0 {
-			return
-		}
-		rest := make([]*pb.ServerFrame, 0, len(c.frames))
-		for len(c.frames) > 0 {
-			rest = append(rest, <-c.frames)
-		}
-		for _, o := range append(other, rest...) {
-			c.frames <- o
-		}
-	}()
+	defer func() { c.held = append(other, c.held...) }()
 	for {
-		r := c.next(10 * time.Second)
+		var r *pb.ServerFrame
+		if len(held) > 0 {
+			r, held = held[0], held[1:]
+		} else {
+			r = c.next(10 * time.Second)
+		}
 		if r.Id == f.Id {
+			other = append(other, held...)
 			return r
 		}
 		other = append(other, r)
