@@ -272,18 +272,14 @@ func (s *Service) deliveredItems(ctx context.Context, by ident.Device, envs []*p
 		items []mailbox.Item
 		heads headers
 	)
-	for n, sender := range order {
+	for _, sender := range order {
 		it, head, err := s.receiptItems(ctx, by, sender, pb.ReceiptType_RECEIPT_TYPE_DELIVERED, bySender[sender])
 		if err != nil {
 			return nil, headers{}, err
 		}
-		switch {
-		case len(order) == 1:
+		if len(order) == 1 {
 			heads.one = head
-		case n == 0:
-			heads.each = make([]*pb.Envelope, 0, len(order)*len(it))
-			fallthrough
-		default:
+		} else {
 			for range it {
 				heads.each = append(heads.each, head)
 			}

@@ -6,9 +6,9 @@ import (
 	"sync/atomic"
 )
 
-// DefaultLiveEntries is Options.LiveEntries' default: at most about 5 MB
-// of memory.
-const DefaultLiveEntries = 128 << 10
+// DefaultLiveEntries is Options.LiveEntries' default: 5.0 MiB when full,
+// 80 bytes an entry (BenchmarkLiveSetMemory).
+const DefaultLiveEntries = 64 << 10
 
 // liveSet remembers entries this process appended and has not deleted
 // since, as far as it has room, so that a delete that needs nothing of

@@ -2,6 +2,7 @@ package pebble
 
 import (
 	"fmt"
+	"runtime"
 	"testing"
 
 	"github.com/cockroachdb/pebble/v2/vfs"
@@ -131,4 +132,27 @@ func BenchmarkAckSeqsOnly(b *testing.B) {
 			}
 		})
 	}
+}
+
+// BenchmarkLiveSetMemory reports the heap a full live set of
+// DefaultLiveEntries holds (the figure behind the default).
+func BenchmarkLiveSetMemory(b *testing.B) {
+	dev := string([]byte{5, 'a', 'l', 'i', 'c', 'e', 0, 0, 0, 1})
+	var held uint64
+	for b.Loop() {
+		var before, after runtime.MemStats
+		runtime.GC()
+		runtime.ReadMemStats(&before)
+		l := newLiveSet(DefaultLiveEntries)
+		l.add(dev, 1, DefaultLiveEntries)
+		runtime.GC()
+		runtime.ReadMemStats(&after)
+		if l.len() != DefaultLiveEntries {
+			b.Fatalf("%d entries, want %d", l.len(), DefaultLiveEntries)
+		}
+		held = after.HeapAlloc - before.HeapAlloc
+		runtime.KeepAlive(l)
+	}
+	b.ReportMetric(float64(held)/(1<<20), "MiB")
+	b.ReportMetric(float64(held)/DefaultLiveEntries, "B/entry")
 }
