@@ -146,6 +146,36 @@ type DeleteAppend struct {
 	SeqsOnly bool
 }
 
+// ManyDeleteAppender is an optional capability of a Store: StartDeleteAppend
+// over the entries of several devices at once, one atomic write whose
+// appended items are made from all the entries it removed. It lets the
+// acks of many devices that arrive together (the members of a group
+// acking one message) become one write and one receipt per recipient
+// device, rather than one of each per ack.
+type ManyDeleteAppender interface {
+	// StartDeleteAppendMany is StartDeleteAppend for d: it removes the
+	// entries named by each of d.Deletes, passes those removed to d.Then
+	// (removed[i] those of d.Deletes[i]), and appends the items Then
+	// returns in the same atomic write. It returns the removed entries
+	// (in seq order, per deletion) and a Pending for the appended items.
+	// The devices of d.Deletes must be distinct.
+	StartDeleteAppendMany(ctx context.Context, d DeleteAppendMany) ([][]Entry, Pending, error)
+}
+
+// DeleteAppendMany is the work of a ManyDeleteAppender.StartDeleteAppendMany.
+type DeleteAppendMany struct {
+	// Deletes name the entries to remove: the Device, Seqs and SeqsOnly of
+	// each are used as in DeleteAppend (their Then and Time are not).
+	Deletes []DeleteAppend
+	// Then returns the items to append for the entries removed (at least
+	// one in all), removed[i] being those of Deletes[i]. It is called
+	// while the store holds every device's delete lock: it must not call
+	// the store. Nil appends nothing.
+	Then func(removed [][]Entry) ([]Item, error)
+	// Time is the append time recorded in every item; zero means now.
+	Time time.Time
+}
+
 // Depther is an optional capability: the number of entries held across all
 // mailboxes, for the mailbox depth metric.
 type Depther interface {

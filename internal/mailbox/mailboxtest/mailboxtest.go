@@ -66,6 +66,8 @@ func Run(t *testing.T, newBackend func(t *testing.T) Backend) {
 		{"DeleteAppendErrors", false, testDeleteAppendErrors},
 		{"DeleteAppendConcurrent", false, testDeleteAppendConcurrent},
 		{"DeleteAppendSeqsOnly", false, testDeleteAppendSeqsOnly},
+		{"DeleteAppendMany", false, testDeleteAppendMany},
+		{"DeleteAppendManyConcurrent", false, testDeleteAppendManyConcurrent},
 		{"CrashKeepsAppends", true, testCrashKeepsAppends},
 		{"CrashKeepsHighWater", true, testCrashKeepsHighWater},
 		{"CrashDeleteAppendAtomic", true, testCrashDeleteAppendAtomic},

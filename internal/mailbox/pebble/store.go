@@ -801,6 +801,34 @@ func (s *Store) deleteInto(batch *pebbledb.Batch, id []byte, seqs []uint64, seqs
 // way round). A batch with items is synced, and Wait waits for it; a batch
 // of deletions alone is not, like Delete's.
 func (s *Store) StartDeleteAppend(ctx context.Context, d mailbox.DeleteAppend) ([]mailbox.Entry, mailbox.Pending, error) {
+	var then func([][]mailbox.Entry) ([]mailbox.Item, error)
+	if d.Then != nil {
+		then = func(removed [][]mailbox.Entry) ([]mailbox.Item, error) { return d.Then(removed[0]) }
+	}
+	removed, p, err := s.startDeleteAppend(ctx, []mailbox.DeleteAppend{d}, then, d.Time)
+	if err != nil {
+		return nil, nil, err
+	}
+	return removed[0], p, nil
+}
+
+// StartDeleteAppendMany implements mailbox.ManyDeleteAppender: as
+// StartDeleteAppend, with the delete locks of all the devices held (taken
+// in the lock table's global order) and every deletion in the one batch.
+func (s *Store) StartDeleteAppendMany(ctx context.Context, d mailbox.DeleteAppendMany) ([][]mailbox.Entry, mailbox.Pending, error) {
+	seen := make(map[ident.Device]bool, len(d.Deletes))
+	for _, del := range d.Deletes {
+		if seen[del.Device] {
+			return nil, nil, fmt.Errorf("mailbox/pebble: device %v named twice in one delete", del.Device)
+		}
+		seen[del.Device] = true
+	}
+	return s.startDeleteAppend(ctx, d.Deletes, d.Then, d.Time)
+}
+
+// startDeleteAppend is StartDeleteAppend and StartDeleteAppendMany: the
+// devices of dels are distinct.
+func (s *Store) startDeleteAppend(ctx context.Context, dels []mailbox.DeleteAppend, then func([][]mailbox.Entry) ([]mailbox.Item, error), when time.Time) ([][]mailbox.Entry, mailbox.Pending, error) {
 	if err := s.enter(); err != nil {
 		return nil, nil, err
 	}
@@ -808,26 +836,48 @@ func (s *Store) StartDeleteAppend(ctx context.Context, d mailbox.DeleteAppend) (
 	if err := ctx.Err(); err != nil {
 		return nil, nil, err
 	}
-	id, err := deviceID(d.Device)
-	if err != nil {
-		return nil, nil, err
+	ids := make([][]byte, len(dels))
+	seqs := make([][]uint64, len(dels))
+	some := false
+	for i, d := range dels {
+		id, err := deviceID(d.Device)
+		if err != nil {
+			return nil, nil, err
+		}
+		ids[i] = id
+		if len(d.Seqs) > 0 {
+			some = true
+			ss := slices.Clone(d.Seqs)
+			slices.Sort(ss)
+			seqs[i] = slices.Compact(ss)
+		}
 	}
 	done := &pending{res: mailbox.Result{Seqs: []uint64{}}}
-	if len(d.Seqs) == 0 {
-		return nil, done, nil
+	removed := make([][]mailbox.Entry, len(dels))
+	if !some {
+		return removed, done, nil
 	}
 	if err := s.space.check(s.minFree/2, 0); err != nil {
 		return nil, nil, err
 	}
-	seqs := slices.Clone(d.Seqs)
-	slices.Sort(seqs)
-	seqs = slices.Compact(seqs)
 
-	dl, err := s.locks.acquire(ctx, lockDeletePrefix+string(id), s.failed)
-	if err != nil {
-		return nil, nil, s.lockErr(err)
+	if len(dels) == 1 {
+		dl, err := s.locks.acquire(ctx, lockDeletePrefix+string(ids[0]), s.failed)
+		if err != nil {
+			return nil, nil, s.lockErr(err)
+		}
+		defer s.locks.release(dl)
+	} else {
+		names := make([]string, len(dels))
+		for i, id := range ids {
+			names[i] = lockDeletePrefix + string(id)
+		}
+		held, err := s.locks.acquireAll(ctx, names, s.failed)
+		if err != nil {
+			return nil, nil, s.lockErr(err)
+		}
+		defer s.locks.releaseAll(held)
 	}
-	defer s.locks.release(dl)
 
 	batch := s.db.NewBatch()
 	queued := false
@@ -836,16 +886,25 @@ func (s *Store) StartDeleteAppend(ctx context.Context, d mailbox.DeleteAppend) (
 			batch.Close()
 		}
 	}()
-	removed, err := s.deleteInto(batch, id, seqs, d.SeqsOnly)
-	if err != nil {
-		return nil, nil, err
+	n := 0
+	for i, d := range dels {
+		if len(seqs[i]) == 0 {
+			continue
+		}
+		out, err := s.deleteInto(batch, ids[i], seqs[i], d.SeqsOnly)
+		if err != nil {
+			return nil, nil, err
+		}
+		removed[i] = out
+		n += len(out)
 	}
-	if len(removed) == 0 {
-		return nil, done, nil
+	if n == 0 {
+		return removed, done, nil
 	}
 	var items []mailbox.Item
-	if d.Then != nil {
-		if items, err = d.Then(removed); err != nil {
+	if then != nil {
+		var err error
+		if items, err = then(removed); err != nil {
 			return nil, nil, err
 		}
 	}
@@ -872,10 +931,10 @@ func (s *Store) StartDeleteAppend(ctx context.Context, d mailbox.DeleteAppend) (
 		if err := s.space.check(s.minFree, uint64(size)); err != nil {
 			return nil, nil, err
 		}
-		when := d.Time
 		if when.IsZero() {
 			when = time.Now()
 		}
+		var err error
 		if appended, err = s.addEntries(ctx, r, batch, names, items, when); err != nil {
 			return nil, nil, err
 		}
@@ -899,12 +958,14 @@ func (s *Store) StartDeleteAppend(ctx context.Context, d mailbox.DeleteAppend) (
 	if r.pubErr != nil {
 		return nil, nil, r.pubErr
 	}
-	s.depth.Add(-int64(len(removed)))
+	s.depth.Add(-int64(n))
 	if !r.isAppend {
 		appended = []uint64{}
 	}
 	return removed, &pending{s: s, req: r, res: mailbox.Result{Seqs: appended}}, nil
 }
+
+var _ mailbox.ManyDeleteAppender = (*Store)(nil)
 
 // expireChunk is how many keys Expire deletes per batch.
 const expireChunk = 512
