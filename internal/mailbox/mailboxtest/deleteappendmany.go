@@ -56,7 +56,7 @@ func testDeleteAppendMany(t *testing.T, b Backend) {
 		Deletes: []mailbox.DeleteAppend{
 			{Device: a, Seqs: []uint64{sa[1], sa[0], sa[1]}},
 			{Device: bb, Seqs: []uint64{sb[0] + 100}}, // absent: ignored
-			{Device: c},                               // nothing asked
+			{Device: c}, // nothing asked
 		},
 		Then: func(r [][]mailbox.Entry) ([]mailbox.Item, error) {
 			seen = r
