@@ -159,8 +159,14 @@ func (c *Client) deliver(env *courierv1.Envelope) bool {
 		}
 		for _, m := range env.GetReceipt().GetMessages() {
 			ref := MessageRef{ServerID: m.GetServerId(), ClientMsgID: m.GetClientMsgId()}
+			// A receipt the server combined from several members' acks
+			// names, per message, the member it is from.
+			by, byDevice := env.GetSender(), env.GetSenderDevice()
+			if m.GetBy() != "" {
+				by, byDevice = m.GetBy(), m.GetByDevice()
+			}
 			if group := c.groupOf(ref); group != "" {
-				c.groupReceipt(env, ref, group, st)
+				c.groupReceipt(env, ref, group, st, by, byDevice)
 				continue
 			}
 			if !c.tracker.Advance(ref, st) {
@@ -174,8 +180,8 @@ func (c *Client) deliver(env *courierv1.Envelope) bool {
 				Message:  ref,
 				To:       to,
 				Status:   st,
-				By:       env.GetSender(),
-				ByDevice: env.GetSenderDevice(),
+				By:       by,
+				ByDevice: byDevice,
 				Time:     timeMs(env.GetServerTimeMs()),
 			})
 		}
@@ -247,9 +253,9 @@ func (c *Client) groupOf(ref MessageRef) string {
 
 // groupReceipt reports a receipt for a group message, per member: each
 // member's state moves forward on its own (the message's own state is the
-// furthest any member reached).
-func (c *Client) groupReceipt(env *courierv1.Envelope, ref MessageRef, group string, st Status) {
-	by := env.GetSender()
+// furthest any member reached). by and byDevice are the member the
+// receipt is from.
+func (c *Client) groupReceipt(env *courierv1.Envelope, ref MessageRef, group string, st Status, by string, byDevice uint32) {
 	c.tracker.Advance(ref, st)
 	if by == c.self.User {
 		return // another device of this user has the message: not news
@@ -267,7 +273,7 @@ func (c *Client) groupReceipt(env *courierv1.Envelope, ref MessageRef, group str
 		Group:    group,
 		Status:   st,
 		By:       by,
-		ByDevice: env.GetSenderDevice(),
+		ByDevice: byDevice,
 		Time:     timeMs(env.GetServerTimeMs()),
 	})
 }

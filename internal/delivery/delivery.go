@@ -68,8 +68,9 @@ type Config struct {
 
 // Service accepts messages and emits receipts.
 type Service struct {
-	cfg Config
-	ids ident.ServerIDs
+	cfg  Config
+	ids  ident.ServerIDs
+	acks ackCombiner // group acks waiting for a combined write (combine.go)
 }
 
 // New returns a Service. Mailbox, Accounts, Notifier and Metrics are required.

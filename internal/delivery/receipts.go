@@ -56,6 +56,9 @@ type PendingAck struct {
 	// appended the receipts (mailbox.DeleteAppender), removing removed.
 	together bool
 	removed  int
+	// shared: the acks of several devices went as one write (combine.go),
+	// whose receipts this waits for.
+	shared *sharedReceipts
 }
 
 // StartAck does the part of Ack that orders it: the DELIVERED receipts for
@@ -69,6 +72,9 @@ type PendingAck struct {
 // mailbox write instead (see startAckTogether), and Wait only waits for it.
 func (s *Service) StartAck(ctx context.Context, dev ident.Device, acked []Delivered) (*PendingAck, error) {
 	if da, ok := s.cfg.Mailbox.(mailbox.DeleteAppender); ok && mayEmitReceipts(dev, acked) {
+		if m, ok := s.cfg.Mailbox.(mailbox.ManyDeleteAppender); ok && combinable(dev, acked) {
+			return s.startAckCombined(ctx, m, dev, acked)
+		}
 		return s.startAckTogether(ctx, da, dev, acked)
 	}
 	var known []*pb.Envelope
@@ -171,6 +177,16 @@ func (s *Service) startAckTogether(ctx context.Context, da mailbox.DeleteAppende
 // Call it once.
 func (p *PendingAck) Wait(ctx context.Context) error {
 	s, dev := p.s, p.dev
+	if p.shared != nil {
+		if err := p.shared.wait(ctx, s); err != nil {
+			if ctx.Err() != nil {
+				return ctx.Err()
+			}
+			return s.storageError(err)
+		}
+		s.cfg.Metrics.Acked.Add(float64(p.removed))
+		return nil
+	}
 	if p.receipts != nil {
 		res, err := p.receipts.Wait(ctx)
 		if err != nil {

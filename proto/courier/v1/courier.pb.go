@@ -1615,9 +1615,15 @@ func (x *Receipt) GetMessages() []*MessageRef {
 }
 
 type MessageRef struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	ServerId      string                 `protobuf:"bytes,1,opt,name=server_id,json=serverId,proto3" json:"server_id,omitempty"`
-	ClientMsgId   string                 `protobuf:"bytes,2,opt,name=client_msg_id,json=clientMsgId,proto3" json:"client_msg_id,omitempty"`
+	state       protoimpl.MessageState `protogen:"open.v1"`
+	ServerId    string                 `protobuf:"bytes,1,opt,name=server_id,json=serverId,proto3" json:"server_id,omitempty"`
+	ClientMsgId string                 `protobuf:"bytes,2,opt,name=client_msg_id,json=clientMsgId,proto3" json:"client_msg_id,omitempty"`
+	// In a receipt that carries the events of several devices (the server
+	// combines the DELIVERED receipts of group members whose acks arrive
+	// together): the user and device whose event this reference is. Empty
+	// when it is the envelope's sender's.
+	By            string `protobuf:"bytes,3,opt,name=by,proto3" json:"by,omitempty"`
+	ByDevice      uint32 `protobuf:"varint,4,opt,name=by_device,json=byDevice,proto3" json:"by_device,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1664,6 +1670,20 @@ func (x *MessageRef) GetClientMsgId() string {
 		return x.ClientMsgId
 	}
 	return ""
+}
+
+func (x *MessageRef) GetBy() string {
+	if x != nil {
+		return x.By
+	}
+	return ""
+}
+
+func (x *MessageRef) GetByDevice() uint32 {
+	if x != nil {
+		return x.ByDevice
+	}
+	return 0
 }
 
 // Synced follows the last Deliver of the entries that were pending when the
@@ -2328,11 +2348,13 @@ const file_courier_v1_courier_proto_rawDesc = "" +
 	"\tremaining\x18\x01 \x01(\rR\tremaining\"j\n" +
 	"\aReceipt\x12+\n" +
 	"\x04type\x18\x01 \x01(\x0e2\x17.courier.v1.ReceiptTypeR\x04type\x122\n" +
-	"\bmessages\x18\x02 \x03(\v2\x16.courier.v1.MessageRefR\bmessages\"M\n" +
+	"\bmessages\x18\x02 \x03(\v2\x16.courier.v1.MessageRefR\bmessages\"z\n" +
 	"\n" +
 	"MessageRef\x12\x1b\n" +
 	"\tserver_id\x18\x01 \x01(\tR\bserverId\x12\"\n" +
-	"\rclient_msg_id\x18\x02 \x01(\tR\vclientMsgId\"\"\n" +
+	"\rclient_msg_id\x18\x02 \x01(\tR\vclientMsgId\x12\x0e\n" +
+	"\x02by\x18\x03 \x01(\tR\x02by\x12\x1b\n" +
+	"\tby_device\x18\x04 \x01(\rR\bbyDevice\"\"\n" +
 	"\x06Synced\x12\x18\n" +
 	"\apending\x18\x01 \x01(\x04R\apending\"\x19\n" +
 	"\x03Ack\x12\x12\n" +
