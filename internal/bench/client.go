@@ -30,6 +30,12 @@ type client struct {
 	credits   int      // sends answered in this batch (closed loop)
 	synced    bool     // Synced seen in this batch
 	confirms  map[uint64][]uint64
+	// unconfirmed (confirm mode) holds the message keys this device acked
+	// and the server has not confirmed, with the connection it last got
+	// each on. It outlives connections: an ack the server applied just
+	// before the connection ended (a restart drops the replies of what
+	// it finishes) is never confirmed, and its entry never comes again.
+	unconfirmed map[uint64]uint32
 
 	r      *run
 	acct   *account
@@ -76,6 +82,12 @@ func (c *client) flushAcks() {
 			c.confirms = map[uint64][]uint64{}
 		}
 		c.confirms[id] = append([]uint64(nil), keys...)
+		if c.unconfirmed == nil {
+			c.unconfirmed = map[uint64]uint32{}
+		}
+		for _, k := range keys {
+			c.unconfirmed[k] = c.epoch
+		}
 	}
 	if len(acks) > 0 {
 		c.sendLocked(&pb.ClientFrame{Id: id, Body: &pb.ClientFrame_Ack{Ack: &pb.Ack{Seqs: acks}}})
@@ -112,6 +124,7 @@ func (c *client) onMessageLocked(msg []byte) {
 	case *pb.ServerFrame_Hello:
 	case *pb.ServerFrame_Synced:
 		c.synced = true
+		c.appliedLocked()
 	case *pb.ServerFrame_Deliver:
 		c.deliverLocked(b.Deliver)
 	case *pb.ServerFrame_Accepted:
@@ -129,6 +142,7 @@ func (c *client) onMessageLocked(msg []byte) {
 			delete(c.confirms, f.Id)
 			for _, k := range keys {
 				c.r.ledger.markConfirmed(k)
+				delete(c.unconfirmed, k)
 			}
 			c.r.confirmedAcks.Add(int64(len(keys)))
 		}
@@ -165,6 +179,9 @@ func (c *client) deliverLocked(d *pb.Deliver) {
 			c.r.lat.record(time.Duration(time.Now().UnixNano() - sent))
 			c.r.lastDelivery.Store(time.Now().UnixNano())
 		}
+		if _, ok := c.unconfirmed[key]; ok {
+			c.unconfirmed[key] = c.epoch // came again: that ack was not applied
+		}
 		if !hold {
 			c.ackKeys = append(c.ackKeys, key)
 		}
@@ -179,6 +196,22 @@ func (c *client) deliverLocked(d *pb.Deliver) {
 	}
 	if !hold {
 		c.acks = append(c.acks, d.Seq)
+	}
+}
+
+// appliedLocked runs at Synced, which follows the Deliver of every entry
+// the mailbox held when the connection was made: a key acked on an earlier
+// connection, unconfirmed, that did not come again on this one is no
+// longer in the mailbox, so the server applied its ack and its reply was
+// lost with that connection. It counts as confirmed. A key delivered and
+// never acked is not in unconfirmed: were it missing, it stays lost.
+func (c *client) appliedLocked() {
+	for k, ep := range c.unconfirmed {
+		if ep < c.epoch {
+			delete(c.unconfirmed, k)
+			c.r.ledger.markConfirmed(k)
+			c.r.count("acks_applied_reply_lost", 1)
+		}
 	}
 }
 
