@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/courier-im/courier/internal/accounts"
+	"github.com/courier-im/courier/internal/accounts/cache"
 	"github.com/courier-im/courier/internal/api"
 	"github.com/courier-im/courier/internal/auth"
 	"github.com/courier-im/courier/internal/gateway"
@@ -50,6 +51,7 @@ func runServe(ctx context.Context, args []string) error {
 	fs.DurationVar(&cfg.BodyTimeout, "body-timeout", api.DefaultBodyTimeout, "how long a client may take to send a request body")
 	fs.StringVar(&cfg.Transport, "transport", server.DefaultTransport, "how WebSocket connections are served: "+gateway.TransportEpoll+" (event loops; least memory per connection) or "+gateway.TransportGoroutine+" (two goroutines each)")
 	fs.IntVar(&cfg.DeviceCacheSize, "device-cache-size", 100_000, "users whose device lists are kept in memory (negative: no cache)")
+	fs.IntVar(&cfg.GroupCacheSize, "group-cache-size", cache.DefaultGroups, "groups whose members are kept in memory, checked against the group's version on every use (negative: no cache)")
 	fs.DurationVar(&cfg.DeviceCacheTTL, "device-cache-ttl", 30*time.Second, "longest a cached device list is used; in a cluster, changes reach other nodes over NATS sooner")
 	level := fs.String("log-level", "info", "log level: debug, info, warn, error")
 	jsonLogs := fs.Bool("log-json", false, "log JSON lines instead of text")

@@ -59,6 +59,15 @@ type GroupStore interface {
 	SetAdmin(ctx context.Context, id, by, user string, admin bool) (GroupChange, error)
 }
 
+// GroupVersioner is an optional capability of a GroupStore: a group's
+// version alone, one row where Group reads one per member. Every change
+// of a group's members or admins moves its version, so a version names
+// one membership: a cache of groups (package cache) checks what it holds
+// with it. ErrNotFound if the group does not exist.
+type GroupVersioner interface {
+	GroupVersion(ctx context.Context, id string) (uint64, error)
+}
+
 // DefaultMaxGroupMembers is a group's member limit unless a backend is
 // configured with another (WhatsApp's group limit).
 const DefaultMaxGroupMembers = 1024

@@ -22,6 +22,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/courier-im/courier/internal/accounts"
+	"github.com/courier-im/courier/internal/accounts/cache"
 	"github.com/courier-im/courier/internal/accounts/sqlite"
 	"github.com/courier-im/courier/internal/api"
 	"github.com/courier-im/courier/internal/auth"
@@ -106,6 +107,11 @@ type Config struct {
 	// the announcement is lost (see devicecache.go).
 	DeviceCacheSize int
 	DeviceCacheTTL  time.Duration
+
+	// GroupCacheSize is how many groups are kept in memory, each checked
+	// against the store's version of it on every look-up (package
+	// accounts/cache, Groups); 0 means cache.DefaultGroups, negative none.
+	GroupCacheSize int
 
 	// Cluster makes the server one node of a cluster (see cluster.go);
 	// the zero value is a single node on embedded backends.
@@ -296,6 +302,9 @@ func New(cfg Config) (*Server, error) {
 	s.registry = prometheus.NewRegistry()
 	s.registry.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	m := metrics.New(s.registry)
+	if groups != nil {
+		groups = cache.NewGroups(groups, cfg.GroupCacheSize)
+	}
 	// From here on the account store is seen through the device-list
 	// cache (the capabilities above are the store's own).
 	cached, err := s.openDeviceCache()

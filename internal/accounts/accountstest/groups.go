@@ -34,6 +34,7 @@ func RunGroups(t *testing.T, open func(t *testing.T, maxMembers int) accounts.St
 		{"SetAdmin", 0, testGroupSetAdmin},
 		{"ConcurrentChanges", 0, testGroupConcurrentChanges},
 		{"ConcurrentAddsOverLimit", 5, testGroupConcurrentAddsOverLimit},
+		{"Version", 0, testGroupVersion},
 	}
 	for _, tc := range tests {
 		t.Run("Groups"+tc.name, func(t *testing.T) {
@@ -533,5 +534,57 @@ func testGroupConcurrentAddsOverLimit(t *testing.T, s accounts.Store, gs account
 	}
 	if got := getGroup(t, gs, g.ID); len(got.Members) != 5 || got.Version != 5 {
 		t.Errorf("group after the adds: v%d %v; want v5 with 5 members", got.Version, got.Members)
+	}
+}
+
+// testGroupVersion checks the optional accounts.GroupVersioner: the
+// version it reads is Group's after every kind of change, and a group
+// that does not exist (never did, malformed id, deleted) is ErrNotFound.
+func testGroupVersion(t *testing.T, s accounts.Store, gs accounts.GroupStore) {
+	gv, ok := gs.(accounts.GroupVersioner)
+	if !ok {
+		t.Skip("backend does not implement accounts.GroupVersioner")
+	}
+	ctx := t.Context()
+	check := func(what, id string) {
+		t.Helper()
+		v, err := gv.GroupVersion(ctx, id)
+		if err != nil {
+			t.Fatalf("%s: GroupVersion: %v", what, err)
+		}
+		if g := getGroup(t, gs, id); v != g.Version {
+			t.Fatalf("%s: GroupVersion %d, Group's %d", what, v, g.Version)
+		}
+	}
+	users(t, s, "alice", "bob", "carol")
+	g := newGroup(t, gs, "alice", "bob")
+	check("created", g.ID)
+	if _, err := gs.AddMembers(ctx, g.ID, "alice", []string{"carol"}); err != nil {
+		t.Fatal(err)
+	}
+	check("member added", g.ID)
+	if _, err := gs.SetAdmin(ctx, g.ID, "alice", "bob", true); err != nil {
+		t.Fatal(err)
+	}
+	check("admin set", g.ID)
+	if _, err := gs.RemoveMember(ctx, g.ID, "alice", "carol"); err != nil {
+		t.Fatal(err)
+	}
+	check("member removed", g.ID)
+	if v, _ := gv.GroupVersion(ctx, g.ID); v != 4 {
+		t.Errorf("version %d after three changes, want 4", v)
+	}
+	for _, id := range []string{"AAAAAAAAAAAAAAAAAAAAAA", "not a group id", ""} {
+		if _, err := gv.GroupVersion(ctx, id); !errors.Is(err, accounts.ErrNotFound) {
+			t.Errorf("GroupVersion(%q) = %v, want ErrNotFound", id, err)
+		}
+	}
+	for _, u := range []string{"bob", "alice"} {
+		if _, err := gs.RemoveMember(ctx, g.ID, u, u); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := gv.GroupVersion(ctx, g.ID); !errors.Is(err, accounts.ErrNotFound) {
+		t.Errorf("GroupVersion of a deleted group = %v, want ErrNotFound", err)
 	}
 }

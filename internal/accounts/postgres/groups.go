@@ -140,6 +140,24 @@ func (s *Store) CreateGroup(ctx context.Context, creator string, members []strin
 	return accounts.GroupChange{Group: g, Changed: true, Added: users}, nil
 }
 
+// GroupVersion implements accounts.GroupVersioner.
+func (s *Store) GroupVersion(ctx context.Context, id string) (uint64, error) {
+	if !accounts.ValidGroupID(id) {
+		return 0, fmt.Errorf("accounts/postgres: group %q: %w", id, accounts.ErrNotFound)
+	}
+	var v int64
+	err := s.pool.QueryRow(ctx, `SELECT version FROM groups WHERE id = $1`, id).Scan(&v)
+	if errors.Is(err, pgx.ErrNoRows) {
+		err = accounts.ErrNotFound
+	}
+	if err != nil {
+		return 0, fmt.Errorf("accounts/postgres: group %q: %w", id, err)
+	}
+	return uint64(v), nil
+}
+
+var _ accounts.GroupVersioner = (*Store)(nil)
+
 // Group implements accounts.GroupStore.
 func (s *Store) Group(ctx context.Context, id string) (accounts.Group, error) {
 	fail := func(err error) (accounts.Group, error) {

