@@ -39,7 +39,13 @@ func (s *spares) Go(f func()) {
 		}
 		if s.idle.CompareAndSwap(i, i-1) {
 			// The goroutine that counted itself idle is at, or on its
-			// way to, its receive, unless stop ended it.
+			// way to, its receive, unless stop ended it. At it, it takes
+			// f without the select that watches stop too.
+			select {
+			case s.queue <- f:
+				return
+			default:
+			}
 			select {
 			case s.queue <- f:
 			case <-s.stop:
