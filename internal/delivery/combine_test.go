@@ -1,12 +1,15 @@
 package delivery
 
 import (
+	"context"
 	"fmt"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
+	"github.com/courier-im/courier/internal/accounts"
 	"github.com/courier-im/courier/internal/ident"
 	pb "github.com/courier-im/courier/proto/courier/v1"
 )
@@ -153,6 +156,96 @@ func TestLoneAckReceiptUnchanged(t *testing.T) {
 	for i, r := range rs {
 		if got := fmt.Sprint(r.Sender, ".", r.SenderDevice); got != fmt.Sprint("bob.", i+1) || len(r.Receipt.Messages) != 1 || r.Receipt.Messages[0].By != "" {
 			t.Fatalf("receipt %d: from %s, %v", i, got, r.Receipt.Messages)
+		}
+	}
+}
+
+// panicky is an account store whose device look-ups of one user panic
+// while armed.
+type panicky struct {
+	accounts.Store
+	user  string
+	armed atomic.Bool
+}
+
+func (p *panicky) Devices(ctx context.Context, user string) ([]accounts.Device, error) {
+	if user == p.user && p.armed.Load() {
+		panic("device look-up panicked")
+	}
+	return p.Store.Devices(ctx, user)
+}
+
+// A combined write that panics fails its acks (their entries stay, to
+// come again) instead of leaving them waiting, and the next acks are
+// written: the combiner is not left busy.
+func TestCombinedWritePanics(t *testing.T) {
+	fx := newGroupFixture(t)
+	pa := &panicky{Store: fx.svc.cfg.Accounts, user: "alice"}
+	fx.svc.cfg.Accounts = pa
+	if _, err := fx.svc.Send(t.Context(), SendRequest{From: alice1, ClientMsgID: "c1", Group: fx.group.ID, GroupVersion: 1, Payload: []byte("x")}); err != nil {
+		t.Fatal(err)
+	}
+	const n = 5
+	acked := map[ident.Device][]Delivered{}
+	for i := range n {
+		d := ident.Device{User: "bob", ID: uint32(i + 1)}
+		acked[d] = []Delivered{{Seq: 1, Envelope: fx.entries(t, d)[0]}}
+	}
+	c := &fx.svc.acks
+	c.mu.Lock()
+	c.busy = true
+	c.mu.Unlock()
+	pa.armed.Store(true)
+	errs := make(chan error, n)
+	panics := make(chan any, n)
+	for d, a := range acked {
+		go func() {
+			defer func() {
+				if p := recover(); p != nil {
+					panics <- p
+					errs <- nil
+				}
+			}()
+			_, err := fx.svc.StartAck(t.Context(), d, a)
+			errs <- err
+		}()
+	}
+	for {
+		c.mu.Lock()
+		q := len(c.queue)
+		c.mu.Unlock()
+		if q == n {
+			break
+		}
+		time.Sleep(time.Millisecond)
+	}
+	c.mu.Lock()
+	c.queue[0].lead = true
+	next := c.queue[0]
+	c.mu.Unlock()
+	close(next.done)
+	failed := 0
+	for range n {
+		if err := <-errs; err != nil {
+			failed++
+		}
+	}
+	if len(panics) != 1 || failed != n-1 {
+		t.Fatalf("%d panics, %d acks failed; want the leader's panic and %d failures", len(panics), failed, n-1)
+	}
+	for d := range acked {
+		if es := fx.entries(t, d); len(es) != 1 {
+			t.Fatalf("%s holds %d entries after the failed write, want its message", d, len(es))
+		}
+	}
+	// Disarmed, the same acks go through.
+	pa.armed.Store(false)
+	for d, a := range acked {
+		if err := fx.svc.Ack(t.Context(), d, a); err != nil {
+			t.Fatalf("ack of %s after the panic: %v", d, err)
+		}
+		if es := fx.entries(t, d); len(es) != 0 {
+			t.Fatalf("%s still holds %d entries", d, len(es))
 		}
 	}
 }
