@@ -460,6 +460,37 @@ func TestFlowControlWindow(t *testing.T) {
 	}
 }
 
+// The window fills while the receiver is connected (entries handed live,
+// the rest left to a mailbox read), then each ack of a single entry frees
+// one place and brings exactly the next one: the pump, stopped for want
+// of room, is woken by the ack that frees it, every time.
+func TestFlowControlWindowLive(t *testing.T) {
+	t.Parallel()
+	s := servertest.Start(t)
+	alice, bob := register(t, s.URL, "alice"), register(t, s.URL, "bob")
+	bc := dial(t, s.URL, bob)
+	bc.until(isSynced)
+	ac := dial(t, s.URL, alice)
+	const n = 300
+	for i := range n {
+		if r := ac.send(fmt.Sprint(i), "bob", dev("bob", 1)); r.GetAccepted() == nil {
+			t.Fatalf("send %d: %v", i, r)
+		}
+	}
+	var inflight []uint64
+	for range 256 {
+		inflight = append(inflight, bc.until(isDeliver).GetDeliver().GetSeq())
+	}
+	bc.quiet(isDeliver) // window full: nothing more
+	for got := 256; got < n; got++ {
+		bc.ack(inflight[0])
+		inflight = inflight[1:]
+		inflight = append(inflight, bc.until(isDeliver).GetDeliver().GetSeq())
+	}
+	bc.ack(inflight...)
+	bc.quiet(isDeliver)
+}
+
 func TestPresenceAndTyping(t *testing.T) {
 	t.Parallel()
 	s := servertest.Start(t)
