@@ -119,6 +119,21 @@ func (s *Service) startGroupSend(ctx context.Context, req SendRequest) (*Pending
 	if len(chunks) == 1 {
 		return p, nil
 	}
+	if req.FirstAttempt {
+		// No earlier attempt can have stored a chunk under another server
+		// id, so the others need not wait for the first to be durable to
+		// learn it: they are ordered now and share its fsync (Wait
+		// notifies each part once durable).
+		for n := 1; n < len(chunks); n++ {
+			pend, err := s.startAppend(ctx, batch(n, chunks[n]))
+			if err != nil {
+				return fail(err)
+			}
+			p.pending = append(p.pending, pend)
+			p.parts = append(p.parts, chunks[n])
+		}
+		return p, nil
+	}
 	res, err := first.Wait(ctx)
 	if err != nil {
 		return fail(err)

@@ -141,6 +141,48 @@ func TestGroupSendToManyDevices(t *testing.T) {
 	check()
 }
 
+// A first attempt orders every chunk at once (none waits for the first to
+// be durable): every device gets the message once, is told once, and a
+// retry is a duplicate.
+func TestGroupSendFirstAttemptChunks(t *testing.T) {
+	fx := newGroupFixture(t)
+	req := SendRequest{From: alice1, ClientMsgID: "c1", Group: fx.group.ID, GroupVersion: 1, Payload: []byte("sealed"), FirstAttempt: true}
+	if n := len(fx.targets()); n <= GroupChunk {
+		t.Fatalf("%d targets: the test needs more than one chunk of %d", n, GroupChunk)
+	}
+	p, err := fx.svc.StartSend(t.Context(), req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(p.pending) != len(p.parts) || len(p.parts) < 2 {
+		t.Fatalf("%d parts, %d ordered: want every chunk ordered by StartSend", len(p.parts), len(p.pending))
+	}
+	if _, waited := p.pending[0].(done); waited {
+		t.Fatal("StartSend waited for the first chunk to be durable")
+	}
+	if n := fx.notify.n[fx.targets()[0]]; n != 0 {
+		t.Fatalf("a device of the first chunk was told %d times before Wait", n)
+	}
+	acc, err := p.Wait(t.Context())
+	if err != nil || acc.Duplicate {
+		t.Fatalf("Wait: %+v, %v", acc, err)
+	}
+	for _, d := range fx.targets() {
+		es := fx.entries(t, d)
+		if len(es) != 1 || es[0].ServerId != acc.ServerID {
+			t.Fatalf("%s holds %v", d, es)
+		}
+		if fx.notify.n[d] != 1 {
+			t.Fatalf("%s told %d times, want once", d, fx.notify.n[d])
+		}
+	}
+	req.FirstAttempt = false
+	again, err := fx.svc.Send(t.Context(), req)
+	if err != nil || !again.Duplicate || again.ServerID != acc.ServerID {
+		t.Fatalf("retry: %+v, %v; want a duplicate of %s", again, err, acc.ServerID)
+	}
+}
+
 // An earlier attempt that stored only the first chunk is finished by a
 // retry, under the first attempt's server id.
 func TestGroupSendFinishesAPartialSend(t *testing.T) {
