@@ -11,6 +11,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/courier-im/courier/internal/accounts"
 	"github.com/courier-im/courier/internal/accounts/sqlite"
 	"github.com/courier-im/courier/internal/auth/authtest"
 	"github.com/courier-im/courier/internal/delivery"
@@ -101,14 +102,17 @@ func BenchmarkGroupSend(b *testing.B) {
 	}
 }
 
-func benchGroupSend(b *testing.B, members int) {
+// benchGroup makes a group of members+1 users ("m0", its creator, and
+// m1…), each with one device, in a SQLite store, and returns the device
+// lists, the group store, the group and the members' names.
+func benchGroup(b *testing.B, members int) (*authtest.Store, *sqlite.Store, accounts.Group, []string) {
 	ctx := context.Background()
 	accts := authtest.New()
 	gs, err := sqlite.Open(filepath.Join(b.TempDir(), "accounts.db"), sqlite.Options{MaxGroupMembers: members + 1})
 	if err != nil {
 		b.Fatal(err)
 	}
-	defer gs.Close()
+	b.Cleanup(func() { gs.Close() })
 	names := make([]string, members)
 	for i := range members + 1 {
 		name := fmt.Sprint("m", i)
@@ -126,6 +130,12 @@ func benchGroupSend(b *testing.B, members int) {
 	if err != nil {
 		b.Fatal(err)
 	}
+	return accts, gs, ch.Group, names
+}
+
+func benchGroupSend(b *testing.B, members int) {
+	ctx := context.Background()
+	accts, gs, group, _ := benchGroup(b, members)
 	mb, err := pebble.Open(b.TempDir(), pebble.Options{})
 	if err != nil {
 		b.Fatal(err)
@@ -138,8 +148,8 @@ func benchGroupSend(b *testing.B, members int) {
 	b.ReportAllocs()
 	b.ResetTimer()
 	for n := range b.N {
-		if _, err := svc.Send(ctx, delivery.SendRequest{From: from, ClientMsgID: fmt.Sprint(n), Group: ch.Group.ID,
-			GroupVersion: ch.Group.Version, Payload: payload}); err != nil {
+		if _, err := svc.Send(ctx, delivery.SendRequest{From: from, ClientMsgID: fmt.Sprint(n), Group: group.ID,
+			GroupVersion: group.Version, Payload: payload}); err != nil {
 			b.Fatal(err)
 		}
 	}
@@ -173,29 +183,7 @@ func BenchmarkGroupAcks(b *testing.B) {
 
 func benchGroupAcks(b *testing.B, members int, combined bool) {
 	ctx := context.Background()
-	accts := authtest.New()
-	gs, err := sqlite.Open(filepath.Join(b.TempDir(), "accounts.db"), sqlite.Options{MaxGroupMembers: members + 1})
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer gs.Close()
-	names := make([]string, members)
-	for i := range members + 1 {
-		name := fmt.Sprint("m", i)
-		if _, _, err := accts.Register(name); err != nil {
-			b.Fatal(err)
-		}
-		if _, _, err := gs.CreateUser(ctx, name, "", []byte{1}); err != nil {
-			b.Fatal(err)
-		}
-		if i > 0 {
-			names[i-1] = name
-		}
-	}
-	ch, err := gs.CreateGroup(ctx, "m0", names)
-	if err != nil {
-		b.Fatal(err)
-	}
+	accts, gs, group, names := benchGroup(b, members)
 	mb, err := pebble.Open(b.TempDir(), pebble.Options{})
 	if err != nil {
 		b.Fatal(err)
@@ -214,13 +202,13 @@ func benchGroupAcks(b *testing.B, members int, combined bool) {
 	var acking time.Duration
 	for n := range b.N {
 		b.StopTimer()
-		acc, err := svc.Send(ctx, delivery.SendRequest{From: from, ClientMsgID: fmt.Sprint(n), Group: ch.Group.ID,
-			GroupVersion: ch.Group.Version, Payload: payload})
+		acc, err := svc.Send(ctx, delivery.SendRequest{From: from, ClientMsgID: fmt.Sprint(n), Group: group.ID,
+			GroupVersion: group.Version, Payload: payload})
 		if err != nil {
 			b.Fatal(err)
 		}
 		env := &pb.Envelope{Kind: pb.EnvelopeKind_ENVELOPE_KIND_MESSAGE, ServerId: acc.ServerID, Sender: "m0", SenderDevice: 1,
-			ClientMsgId: fmt.Sprint(n), Group: ch.Group.ID}
+			ClientMsgId: fmt.Sprint(n), Group: group.ID}
 		start := make(chan struct{})
 		var wg sync.WaitGroup
 		for _, name := range names {

@@ -258,13 +258,7 @@ func (s *Service) combinedItems(ctx context.Context, batch []*ackJob, removed []
 		if err != nil {
 			return nil, headers{}, err
 		}
-		if len(order) == 1 {
-			heads.one = head
-		} else {
-			for range it {
-				heads.each = append(heads.each, head)
-			}
-		}
+		heads.add(head, len(it), len(order) == 1)
 		items = append(items, it...)
 	}
 	return items, heads, nil

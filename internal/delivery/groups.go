@@ -119,27 +119,19 @@ func (s *Service) startGroupSend(ctx context.Context, req SendRequest) (*Pending
 	if len(chunks) == 1 {
 		return p, nil
 	}
-	if req.FirstAttempt {
-		// No earlier attempt can have stored a chunk under another server
-		// id, so the others need not wait for the first to be durable to
-		// learn it: they are ordered now and share its fsync (Wait
-		// notifies each part once durable).
-		for n := 1; n < len(chunks); n++ {
-			pend, err := s.startAppend(ctx, batch(n, chunks[n]))
-			if err != nil {
-				return fail(err)
-			}
-			p.pending = append(p.pending, pend)
-			p.parts = append(p.parts, chunks[n])
+	// The first chunk's result says whether an earlier attempt stored it,
+	// under which server id, so the others wait for it to be durable;
+	// except on a first attempt, which has no earlier attempt: then they
+	// are ordered at once and share its fsync (Wait notifies each part
+	// once durable).
+	var res mailbox.Result
+	if !req.FirstAttempt {
+		if res, err = first.Wait(ctx); err != nil {
+			return fail(err)
 		}
-		return p, nil
+		p.pending[0] = done(res)
+		p.setSeqs(0, res.Seqs)
 	}
-	res, err := first.Wait(ctx)
-	if err != nil {
-		return fail(err)
-	}
-	p.pending[0] = done(res)
-	p.setSeqs(0, res.Seqs)
 	if res.Duplicate {
 		id, t, err := decodeAccepted(res.Receipt)
 		if err != nil {
@@ -161,7 +153,7 @@ func (s *Service) startGroupSend(ctx context.Context, req SendRequest) (*Pending
 		p.pending = append(p.pending, pend)
 		p.parts = append(p.parts, chunks[n])
 	}
-	if !res.Duplicate {
+	if !req.FirstAttempt && !res.Duplicate {
 		// The first chunk is durable: its devices fetch it while the
 		// others are made durable.
 		p.notifyUpTo(1)

@@ -65,6 +65,18 @@ type headers struct {
 	each []*pb.Envelope // else item i's, if set
 }
 
+// add records head as the envelope of the next n items; alone: they are
+// all the append's items.
+func (h *headers) add(head *pb.Envelope, n int, alone bool) {
+	if alone {
+		h.one = head
+		return
+	}
+	for range n {
+		h.each = append(h.each, head)
+	}
+}
+
 func (h headers) of(i int) *pb.Envelope {
 	if h.one != nil {
 		return h.one

@@ -293,13 +293,7 @@ func (s *Service) deliveredItems(ctx context.Context, by ident.Device, envs []*p
 		if err != nil {
 			return nil, headers{}, err
 		}
-		if len(order) == 1 {
-			heads.one = head
-		} else {
-			for range it {
-				heads.each = append(heads.each, head)
-			}
-		}
+		heads.add(head, len(it), len(order) == 1)
 		items = append(items, it...)
 	}
 	return items, heads, nil
