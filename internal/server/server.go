@@ -303,7 +303,7 @@ func New(cfg Config) (*Server, error) {
 	s.registry.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	m := metrics.New(s.registry)
 	if groups != nil {
-		groups = cache.NewGroups(groups, cfg.GroupCacheSize)
+		groups = cache.NewGroups(groups, cfg.GroupCacheSize, s.registry)
 	}
 	// From here on the account store is seen through the device-list
 	// cache (the capabilities above are the store's own).

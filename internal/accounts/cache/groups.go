@@ -5,6 +5,8 @@ import (
 	"slices"
 	"sync"
 
+	"github.com/prometheus/client_golang/prometheus"
+
 	"github.com/courier-im/courier/internal/accounts"
 )
 
@@ -29,12 +31,14 @@ type Groups struct {
 
 	mu sync.Mutex
 	m  map[string]accounts.Group
+
+	hits, misses prometheus.Counter
 }
 
 // NewGroups returns gs behind a cache of at most size groups (0:
 // DefaultGroups), or gs itself if it cannot read a version alone or size
-// is negative.
-func NewGroups(gs accounts.GroupStore, size int) accounts.GroupStore {
+// is negative. reg, if set, gets the cache's hit and miss counters.
+func NewGroups(gs accounts.GroupStore, size int, reg prometheus.Registerer) accounts.GroupStore {
 	v, ok := gs.(accounts.GroupVersioner)
 	if !ok || size < 0 {
 		return gs
@@ -42,7 +46,18 @@ func NewGroups(gs accounts.GroupStore, size int) accounts.GroupStore {
 	if size == 0 {
 		size = DefaultGroups
 	}
-	return &Groups{GroupStore: gs, versions: v, max: size, m: make(map[string]accounts.Group)}
+	c := &Groups{GroupStore: gs, versions: v, max: size, m: make(map[string]accounts.Group),
+		hits: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "courier_group_cache_hits_total", Help: "Group look-ups served from memory (the version read matched).",
+		}),
+		misses: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "courier_group_cache_misses_total", Help: "Group look-ups that read the members from the store (not held, or the version moved).",
+		}),
+	}
+	if reg != nil {
+		reg.MustRegister(c.hits, c.misses)
+	}
+	return c
 }
 
 // Group implements accounts.GroupStore. The members it returns are the
@@ -56,9 +71,11 @@ func (c *Groups) Group(ctx context.Context, id string) (accounts.Group, error) {
 	g, ok := c.m[id]
 	c.mu.Unlock()
 	if ok && g.Version == v {
+		c.hits.Inc()
 		g.Members = slices.Clone(g.Members)
 		return g, nil
 	}
+	c.misses.Inc()
 	// A newer version than v (changed since) is as good: it is one
 	// membership, read in one statement.
 	g, err = c.GroupStore.Group(ctx, id)

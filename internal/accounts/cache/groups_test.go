@@ -54,7 +54,7 @@ func memberNames(g accounts.Group) []string {
 func TestGroupsFollowVersions(t *testing.T) {
 	ctx := t.Context()
 	st := openGroups(t)
-	c := NewGroups(st, 0)
+	c := NewGroups(st, 0, nil)
 	ch, err := st.CreateGroup(ctx, "alice", []string{"bob"})
 	if err != nil {
 		t.Fatal(err)
@@ -87,6 +87,9 @@ func TestGroupsFollowVersions(t *testing.T) {
 	if n := st.loads.Load(); n != 3 {
 		t.Fatalf("%d full reads for three versions, want 3", n)
 	}
+	if g := c.(*Groups); value(t, g.hits) != 2 || value(t, g.misses) != 3 {
+		t.Fatalf("hits %v, misses %v; want 2 and 3", value(t, g.hits), value(t, g.misses))
+	}
 	for _, u := range []string{"bob", "carol", "alice"} {
 		if _, err := st.RemoveMember(ctx, id, u, u); err != nil {
 			t.Fatal(err)
@@ -113,7 +116,7 @@ func TestGroupsFollowVersions(t *testing.T) {
 func TestGroupsBoundedAndConcurrent(t *testing.T) {
 	ctx := t.Context()
 	st := openGroups(t)
-	c := NewGroups(st, 2).(*Groups)
+	c := NewGroups(st, 2, nil).(*Groups)
 	var ids []string
 	for range 3 {
 		ch, err := st.CreateGroup(ctx, "alice", []string{"bob"})
@@ -172,11 +175,11 @@ func TestGroupsBoundedAndConcurrent(t *testing.T) {
 // A store that cannot read a version alone is not wrapped.
 func TestGroupsNeedVersions(t *testing.T) {
 	var gs accounts.GroupStore = struct{ accounts.GroupStore }{}
-	if got := NewGroups(gs, 0); got != gs {
+	if got := NewGroups(gs, 0, nil); got != gs {
 		t.Fatalf("NewGroups wrapped a store without GroupVersion: %T", got)
 	}
 	st := openGroups(t)
-	if got := NewGroups(st, -1); got != accounts.GroupStore(st) {
+	if got := NewGroups(st, -1, nil); got != accounts.GroupStore(st) {
 		t.Fatalf("size -1 did not turn the cache off: %T", got)
 	}
 }
@@ -206,7 +209,7 @@ func BenchmarkGroup(b *testing.B) {
 	for _, s := range []struct {
 		name  string
 		store accounts.GroupStore
-	}{{"sqlite", st}, {"cached", NewGroups(st, 0)}} {
+	}{{"sqlite", st}, {"cached", NewGroups(st, 0, nil)}} {
 		b.Run(s.name, func(b *testing.B) {
 			b.ReportAllocs()
 			for b.Loop() {
