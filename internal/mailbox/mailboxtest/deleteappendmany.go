@@ -153,6 +153,25 @@ func testDeleteAppendManyConcurrent(t *testing.T, b Backend) {
 	var mu sync.Mutex
 	count := map[string]int{}
 	errs := make([]error, workers)
+	// record waits for a delete's write and counts what it removed; false
+	// (the worker stops) on an error.
+	record := func(w int, got [][]mailbox.Entry, p mailbox.Pending, err error) bool {
+		if err == nil {
+			_, err = p.Wait(ctx)
+		}
+		if err != nil {
+			errs[w] = err
+			return false
+		}
+		mu.Lock()
+		defer mu.Unlock()
+		for _, es := range got {
+			for _, e := range es {
+				count[string(e.Data)]++
+			}
+		}
+		return true
+	}
 	var wg sync.WaitGroup
 	start := make(chan struct{})
 	for w := range workers {
@@ -166,18 +185,9 @@ func testDeleteAppendManyConcurrent(t *testing.T, b Backend) {
 					// Single deletes, member by member.
 					for i := range devs {
 						got, p, err := da.StartDeleteAppend(ctx, mailbox.DeleteAppend{Device: devs[i], Seqs: seqs[i][j : j+1], Then: receiptsFor(snd)})
-						if err == nil {
-							_, err = p.Wait(ctx)
-						}
-						if err != nil {
-							errs[w] = err
+						if !record(w, [][]mailbox.Entry{got}, p, err) {
 							return
 						}
-						mu.Lock()
-						for _, e := range got {
-							count[string(e.Data)]++
-						}
-						mu.Unlock()
 					}
 					continue
 				}
@@ -191,20 +201,9 @@ func testDeleteAppendManyConcurrent(t *testing.T, b Backend) {
 					dels = append(dels, mailbox.DeleteAppend{Device: devs[i], Seqs: seqs[i][j : j+1]})
 				}
 				got, p, err := m.StartDeleteAppendMany(ctx, mailbox.DeleteAppendMany{Deletes: dels, Then: then})
-				if err == nil {
-					_, err = p.Wait(ctx)
-				}
-				if err != nil {
-					errs[w] = err
+				if !record(w, got, p, err) {
 					return
 				}
-				mu.Lock()
-				for _, es := range got {
-					for _, e := range es {
-						count[string(e.Data)]++
-					}
-				}
-				mu.Unlock()
 			}
 		})
 	}
