@@ -123,11 +123,15 @@ func (e *wsEngine) dial(c *client, hostport string, src net.IP, auth string, tim
 		nc.Close()
 		return &dialError{kind: "other", err: err}
 	}
+	c.held = true
 	if len(leftover) > 0 {
 		c.parseLocked(leftover)
 	}
 	c.mu.Unlock()
 	c.flushAcks()
+	c.mu.Lock()
+	c.releaseLocked()
+	c.mu.Unlock()
 	return nil
 }
 
@@ -350,6 +354,18 @@ func (c *client) writeFrameLocked(op byte, payload []byte) error {
 	nc := c.nc
 	if nc == nil {
 		return net.ErrClosed
+	}
+	if c.held {
+		if op != opClose {
+			if c.out == nil {
+				c.out = framePool.Get().(*[]byte)
+			}
+			*c.out = appendFrame(*c.out, op, payload)
+			return nil
+		}
+		// The connection is closed right after a close frame: what
+		// was held goes first, now.
+		c.releaseLocked()
 	}
 	bp := framePool.Get().(*[]byte)
 	b := appendFrame((*bp)[:0], op, payload)
