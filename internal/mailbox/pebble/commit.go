@@ -46,7 +46,10 @@ type commitReq struct {
 	isAppend bool
 	held     []*lock
 	highs    []uint64
-	keyLock  *lock
+	// marks are, per held lock, the high-water mark the batch writes,
+	// or 0 if it writes none (addEntries).
+	marks   []uint64
+	keyLock *lock
 	// fenced is, per held lock, the first seq the batch takes for that
 	// device, kept from readers until the batch completes (fence.go).
 	fenced    []uint64
@@ -91,6 +94,9 @@ func (r *commitReq) complete(s *Store, err error) {
 func (r *commitReq) publishedAppend(s *Store) {
 	for i, l := range r.held {
 		l.high = r.highs[i]
+		if r.marks[i] != 0 {
+			l.mark = r.marks[i]
+		}
 	}
 	s.depth.Add(int64(r.items))
 	s.locks.releaseAll(r.held)

@@ -27,7 +27,7 @@ type lockShard struct {
 	// so a kept value is current until the lock entry is made again and
 	// takes it back. At most maxKeptHighs per shard; past that an arbitrary
 	// one is forgotten (and read again when needed).
-	highs map[string]uint64
+	highs map[string]keptHigh
 }
 
 // maxKeptHighs bounds each shard's highs: 64 shards × 2,048 devices,
@@ -45,14 +45,19 @@ type lock struct {
 	// appends to a busy device do not re-read it. Only the holder of the
 	// lock reads or writes it.
 	high      uint64
+	mark      uint64 // the device's stored high-water mark, ≥ high (see seqReserve)
 	highKnown bool
 }
+
+// keptHigh is what the lock table keeps of a forgotten lock: its device's
+// high-water seq and stored mark.
+type keptHigh struct{ high, mark uint64 }
 
 func newLockTable() *lockTable {
 	t := &lockTable{seed: maphash.MakeSeed()}
 	for i := range t.shards {
 		t.shards[i].m = make(map[string]*lock)
-		t.shards[i].highs = make(map[string]uint64)
+		t.shards[i].highs = make(map[string]keptHigh)
 	}
 	return t
 }
@@ -71,7 +76,7 @@ func (t *lockTable) ref(name string) *lock {
 		}
 		l.name = name
 		if h, ok := sh.highs[name]; ok {
-			l.high, l.highKnown = h, true
+			l.high, l.mark, l.highKnown = h.high, h.mark, true
 			delete(sh.highs, name)
 		}
 		sh.m[name] = l
@@ -95,7 +100,7 @@ func (t *lockTable) unref(l *lock) {
 					break
 				}
 			}
-			sh.highs[l.name] = l.high
+			sh.highs[l.name] = keptHigh{l.high, l.mark}
 		}
 	}
 	sh.mu.Unlock()

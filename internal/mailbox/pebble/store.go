@@ -538,14 +538,16 @@ func (s *Store) addEntries(ctx context.Context, r *commitReq, batch *pebbledb.Ba
 	if err := s.failure(); err != nil {
 		return nil, err
 	}
-	r.highs = make([]uint64, len(held))
+	marks := make([]uint64, 2*len(held))
+	r.highs, r.marks = marks[:len(held):len(held)], marks[len(held):]
 	for i, l := range held {
 		if !l.highKnown {
 			h, err := s.readHigh(l.name[len(lockAppendPrefix):])
 			if err != nil {
 				return nil, err
 			}
-			l.high, l.highKnown = h, true
+			// Every seq up to the stored mark may have been taken.
+			l.high, l.mark, l.highKnown = h, h, true
 		}
 		r.highs[i] = l.high
 	}
@@ -578,12 +580,18 @@ func (s *Store) addEntries(ctx context.Context, r *commitReq, batch *pebbledb.Ba
 	}
 	for i, l := range held {
 		// Never reuse a seq: the high-water mark survives deleting every
-		// entry, and it is written in the same atomic batch as the entries.
+		// entry, and it is written in the same atomic batch as the
+		// entries that pass the one stored. It is written ahead
+		// (seqReserve), so most appends write no mark (see seqReserve).
+		if r.highs[i] <= l.mark {
+			continue
+		}
+		r.marks[i] = r.highs[i] + seqReserve
 		devID := l.name[len(lockAppendPrefix):]
 		op := batch.SetDeferred(1+len(devID), 8)
 		op.Key[0] = tagHigh
 		copy(op.Key[1:], devID)
-		binary.BigEndian.PutUint64(op.Value, r.highs[i])
+		binary.BigEndian.PutUint64(op.Value, r.marks[i])
 		if err := op.Finish(); err != nil {
 			return nil, err
 		}
@@ -608,8 +616,20 @@ func appendLockName(dev ident.Device) (string, error) {
 	return b.String(), nil
 }
 
-// readHigh returns the high-water seq of a device (0 if it never had an
-// entry).
+// seqReserve is how far past the seqs it takes an append writes a
+// device's high-water mark: the mark is a bound below which every seq
+// may have been taken, not the last one taken. So a device's mark is
+// written once every seqReserve+1 entries rather than with every append,
+// one key fewer per append for the memtable, the WAL and the flushes to
+// carry (two of the seven keys a 1:1 message and its receipt wrote). The
+// price: when the mark is read back (after a restart, or after the lock
+// table forgot the device), seqs go on from the mark, leaving a gap of
+// at most seqReserve. Seqs only have to increase and never repeat; no
+// reader counts on them being consecutive (acks already leave gaps).
+const seqReserve = 255
+
+// readHigh returns the high-water mark of a device (0 if it never had an
+// entry): no seq up to it may be taken again.
 func (s *Store) readHigh(devID string) (uint64, error) {
 	s.highReads.Add(1)
 	var buf [1 + 1 + maxUserBytes + 4]byte
