@@ -13,7 +13,7 @@ import (
 //
 //	'm' "format"                     -> "courier-mailbox-v1"
 //	'e' <dev> <seq:8>                -> <unix nanos:8> <data>   an entry
-//	'h' <dev>                        -> <seq:8>                 a device's high-water seq
+//	'h' <dev>                        -> <seq:8>                 a device's high-water mark
 //	'k' <idempotency key>            -> <unix nanos:8> <receipt>
 //
 // where <dev> is <len(user):1> <user> <device id:4>, and all integers are
@@ -21,6 +21,11 @@ import (
 // keeps one device's keys from being a prefix of another's ("bo" vs "bob").
 // Changing any of this needs a new format version and a migration; the
 // testdata/format-v1 fixture guards against doing it by accident.
+//
+// A high-water mark is a bound: every seq the device ever took is at or
+// below it. Early stores wrote the last seq taken, later ones write it up
+// to seqReserve ahead (store.go); both read the same way, seqs going on
+// from mark+1.
 //
 // An entry key is written exactly once: seqs are never reused (the
 // high-water mark outlives every entry). So entries are deleted with
