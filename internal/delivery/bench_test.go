@@ -12,6 +12,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/courier-im/courier/internal/accounts"
+	"github.com/courier-im/courier/internal/accounts/cache"
 	"github.com/courier-im/courier/internal/accounts/sqlite"
 	"github.com/courier-im/courier/internal/auth/authtest"
 	"github.com/courier-im/courier/internal/delivery"
@@ -93,7 +94,8 @@ func benchSend(b *testing.B, devices, senders int) {
 // on a real disk, to a group of a sender and members other users of one
 // device each: the storing half of a group fan-out (the devices are told
 // by a notifier that does nothing). One op is one group send; the group
-// is in SQLite, as on a single node, and the device lists in memory.
+// is in SQLite, as on a single node, and the device lists in the device
+// cache, as the server serves them.
 //
 //	go test -run '^$' -bench GroupSend -benchmem ./internal/delivery/
 func BenchmarkGroupSend(b *testing.B) {
@@ -141,7 +143,11 @@ func benchGroupSend(b *testing.B, members int) {
 		b.Fatal(err)
 	}
 	defer mb.Close()
-	svc := delivery.New(delivery.Config{Mailbox: mb, Accounts: accts, Groups: gs, Notifier: nopNotifier{},
+	devs, err := cache.New(accts, cache.Options{})
+	if err != nil {
+		b.Fatal(err)
+	}
+	svc := delivery.New(delivery.Config{Mailbox: mb, Accounts: devs, Groups: gs, Notifier: nopNotifier{},
 		Metrics: metrics.New(prometheus.NewRegistry())})
 	from := ident.Device{User: "m0", ID: 1}
 	payload := make([]byte, 64)
