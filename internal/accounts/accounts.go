@@ -53,6 +53,26 @@ type Store interface {
 	Close() error
 }
 
+// DeviceViewer is implemented by stores that can hand out a user's device
+// list without copying it: the device cache, which holds every list it
+// serves. A group send to 1,024 members reads 1,024 lists, and a 1:1
+// message and its receipt three, so the copies were allocations on the
+// delivery path for lists nobody modifies. See DevicesView.
+type DeviceViewer interface {
+	// DevicesView returns what Devices returns, but the slice may be
+	// shared: the caller must not modify it.
+	DevicesView(ctx context.Context, user string) ([]Device, error)
+}
+
+// DevicesView returns user's devices from s, without a copy if s is a
+// DeviceViewer. The caller must not modify the slice.
+func DevicesView(ctx context.Context, s Store, user string) ([]Device, error) {
+	if v, ok := s.(DeviceViewer); ok {
+		return v.DevicesView(ctx, user)
+	}
+	return s.Devices(ctx, user)
+}
+
 // LastSeenBatcher is implemented by stores that record the last-seen
 // times of many users with one write (one transaction): a server going
 // down, or a burst of disconnects, takes thousands of users offline at

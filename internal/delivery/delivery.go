@@ -246,7 +246,7 @@ func (s *Service) StartSend(ctx context.Context, req SendRequest) (*PendingSend,
 
 	// The addressed set must be exactly: every device of the recipient,
 	// and every other device of the sender.
-	toDevs, err := s.cfg.Accounts.Devices(ctx, req.To)
+	toDevs, err := accounts.DevicesView(ctx, s.cfg.Accounts, req.To)
 	if errors.Is(err, accounts.ErrNotFound) {
 		return nil, s.refuse(pb.RefusalCode_REFUSAL_CODE_UNKNOWN_RECIPIENT, "no user %q", req.To)
 	}
@@ -255,7 +255,7 @@ func (s *Service) StartSend(ctx context.Context, req SendRequest) (*PendingSend,
 	}
 	fromDevs := toDevs
 	if req.From.User != req.To {
-		fromDevs, err = s.cfg.Accounts.Devices(ctx, req.From.User)
+		fromDevs, err = accounts.DevicesView(ctx, s.cfg.Accounts, req.From.User)
 		if err != nil {
 			return nil, s.storageError(err)
 		}

@@ -166,7 +166,7 @@ func (s *Service) startGroupSend(ctx context.Context, req SendRequest) (*Pending
 func (s *Service) memberDevices(ctx context.Context, members []accounts.GroupMember) ([]ident.Device, error) {
 	var devs []ident.Device
 	for _, m := range members {
-		ds, err := s.cfg.Accounts.Devices(ctx, m.User)
+		ds, err := accounts.DevicesView(ctx, s.cfg.Accounts, m.User)
 		if errors.Is(err, accounts.ErrNotFound) {
 			continue
 		}

@@ -329,7 +329,7 @@ func (s *Service) Read(ctx context.Context, by ident.Device, sender string, msgs
 // receiptItems builds a receipt of typ from by for msgs, addressed to every
 // device of sender, and returns it with its envelope.
 func (s *Service) receiptItems(ctx context.Context, by ident.Device, sender string, typ pb.ReceiptType, msgs []*pb.MessageRef) ([]mailbox.Item, *pb.Envelope, error) {
-	devs, err := s.cfg.Accounts.Devices(ctx, sender)
+	devs, err := accounts.DevicesView(ctx, s.cfg.Accounts, sender)
 	if errors.Is(err, accounts.ErrNotFound) {
 		// The sender's account is gone: there is nobody to tell.
 		if typ == pb.ReceiptType_RECEIPT_TYPE_DELIVERED {

@@ -185,6 +185,18 @@ func (c *Store) Unwrap() accounts.Store { return c.Store }
 // held and fresh, otherwise from the store. The slice returned is the
 // caller's own.
 func (c *Store) Devices(ctx context.Context, user string) ([]accounts.Device, error) {
+	return c.devices(ctx, user, false)
+}
+
+// DevicesView implements accounts.DeviceViewer: Devices, without copying
+// a list held in memory. The caller must not modify the slice.
+func (c *Store) DevicesView(ctx context.Context, user string) ([]accounts.Device, error) {
+	return c.devices(ctx, user, true)
+}
+
+// devices returns user's devices; shared: a list held is returned itself,
+// not a copy.
+func (c *Store) devices(ctx context.Context, user string, shared bool) ([]accounts.Device, error) {
 	sh := c.shard(user)
 	now := c.now().Sub(c.epoch)
 	sh.mu.Lock()
@@ -194,6 +206,9 @@ func (c *Store) Devices(ctx context.Context, user string) ([]accounts.Device, er
 			devs := e.devs // never modified once stored
 			sh.mu.Unlock()
 			c.hits.Inc()
+			if shared {
+				return devs, nil
+			}
 			return slices.Clone(devs), nil
 		}
 		sh.remove(e)

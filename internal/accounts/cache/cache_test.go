@@ -185,6 +185,46 @@ func TestCallersOwnTheirSlices(t *testing.T) {
 	}
 }
 
+// DevicesView serves a held list itself, without a copy, and sees a
+// change as Devices does; what a caller of Devices does to its copy does
+// not reach it.
+func TestDevicesView(t *testing.T) {
+	ctx := context.Background()
+	st := newCounting()
+	c := newCache(t, st, Options{})
+	mustCreate(t, c, "alice")
+	first, err := accounts.DevicesView(ctx, c, "alice") // the miss
+	if err != nil || len(first) != 1 {
+		t.Fatalf("DevicesView = %+v, %v", first, err)
+	}
+	var view []accounts.Device
+	if n := testing.AllocsPerRun(100, func() {
+		view, err = accounts.DevicesView(ctx, c, "alice")
+	}); n != 0 || err != nil {
+		t.Fatalf("a hit allocated %v times (%v), want 0", n, err)
+	}
+	again, _ := accounts.DevicesView(ctx, c, "alice")
+	if &view[0] != &again[0] {
+		t.Error("two hits returned different slices, want the held one")
+	}
+	own, _ := c.Devices(ctx, "alice")
+	own[0].ID = 99
+	if view, _ = accounts.DevicesView(ctx, c, "alice"); view[0].ID != 1 {
+		t.Fatalf("a Devices caller's change reached the held list: %+v", view)
+	}
+	mustAdd(t, c, "alice")
+	if view, _ = accounts.DevicesView(ctx, c, "alice"); len(view) != 2 {
+		t.Fatalf("after a device was added DevicesView = %+v", view)
+	}
+	if n := st.calls.Load(); n != 2 {
+		t.Errorf("the store was read %d times, want 2 (the first miss, the miss after the change)", n)
+	}
+	// A store without the capability serves a copy.
+	if v, err := accounts.DevicesView(ctx, st, "alice"); err != nil || len(v) != 2 {
+		t.Fatalf("DevicesView of a plain store = %+v, %v", v, err)
+	}
+}
+
 func TestChangesInvalidate(t *testing.T) {
 	st := newCounting()
 	var changed []string
