@@ -17,9 +17,8 @@ import (
 // the lowest fenced seq of the device.
 //
 // Appends to one device are fenced in seq order (under its append lock)
-// and complete in commit order, so a device's fences form a short FIFO;
-// the slice stays empty for idle devices, and the map holds only devices
-// with an append in flight.
+// and complete in commit order, so a device's fences form a short FIFO,
+// most often of one; the map holds only devices with an append in flight.
 type fenceTable struct {
 	seed   maphash.Seed
 	shards [32]fenceShard
@@ -27,13 +26,22 @@ type fenceTable struct {
 
 type fenceShard struct {
 	mu sync.Mutex
-	m  map[string][]uint64 // deviceID -> first seqs of appends not yet durable, ascending
+	m  map[string]fences // deviceID -> its appends not yet durable
+}
+
+// fences are the first seqs of a device's appends not yet durable: the
+// oldest, and those behind it. The usual one fence is held without a
+// slice, so fencing an append allocates nothing (it was two allocations
+// of a 1:1 message and its receipt, and one per member of a group send).
+type fences struct {
+	first uint64 // seqs start at 1: never 0 in the map
+	more  []uint64
 }
 
 func newFenceTable() *fenceTable {
 	t := &fenceTable{seed: maphash.MakeSeed()}
 	for i := range t.shards {
-		t.shards[i].m = make(map[string][]uint64)
+		t.shards[i].m = make(map[string]fences)
 	}
 	return t
 }
@@ -46,7 +54,12 @@ func (t *fenceTable) shard(devID string) *fenceShard {
 func (t *fenceTable) add(devID string, first uint64) {
 	sh := t.shard(devID)
 	sh.mu.Lock()
-	sh.m[devID] = append(sh.m[devID], first)
+	if fs, ok := sh.m[devID]; ok {
+		fs.more = append(fs.more, first)
+		sh.m[devID] = fs
+	} else {
+		sh.m[devID] = fences{first: first}
+	}
 	sh.mu.Unlock()
 }
 
@@ -54,14 +67,22 @@ func (t *fenceTable) add(devID string, first uint64) {
 func (t *fenceTable) remove(devID string, first uint64) {
 	sh := t.shard(devID)
 	sh.mu.Lock()
-	fs := sh.m[devID]
-	if i := slices.Index(fs, first); i >= 0 {
-		fs = slices.Delete(fs, i, i+1)
-	}
-	if len(fs) == 0 {
+	fs, ok := sh.m[devID]
+	switch {
+	case !ok:
+	case fs.first == first && len(fs.more) == 0:
 		delete(sh.m, devID)
-	} else {
+	case fs.first == first:
+		fs.first, fs.more = fs.more[0], fs.more[1:]
+		if len(fs.more) == 0 {
+			fs.more = nil
+		}
 		sh.m[devID] = fs
+	default:
+		if i := slices.Index(fs.more, first); i >= 0 {
+			fs.more = slices.Delete(fs.more, i, i+1)
+			sh.m[devID] = fs
+		}
 	}
 	sh.mu.Unlock()
 }
@@ -71,9 +92,10 @@ func (t *fenceTable) limit(devID string) uint64 {
 	sh := t.shard(devID)
 	sh.mu.Lock()
 	defer sh.mu.Unlock()
-	var low uint64
-	for _, f := range sh.m[devID] {
-		if low == 0 || f < low {
+	fs := sh.m[devID]
+	low := fs.first // 0 if none
+	for _, f := range fs.more {
+		if f < low {
 			low = f
 		}
 	}

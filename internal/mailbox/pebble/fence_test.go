@@ -145,3 +145,44 @@ func fenceCount(s *Store) int {
 	}
 	return n
 }
+
+// The fence table keeps a device's fences whatever order they are lifted
+// in, answers the lowest, forgets a device with none, and fences a lone
+// append without allocating.
+func TestFenceTable(t *testing.T) {
+	ft := newFenceTable()
+	const d = "dev"
+	if got := ft.limit(d); got != 0 {
+		t.Fatalf("limit of an unknown device = %d", got)
+	}
+	for _, f := range []uint64{10, 12, 15, 20} {
+		ft.add(d, f)
+	}
+	steps := []struct {
+		remove uint64
+		want   uint64
+	}{
+		{15, 10}, // from the middle
+		{10, 12}, // the oldest: the next takes its place
+		{99, 12}, // not fenced: nothing changes
+		{20, 12}, // the newest
+		{12, 0},  // the last
+	}
+	for _, s := range steps {
+		ft.remove(d, s.remove)
+		if got := ft.limit(d); got != s.want {
+			t.Fatalf("after lifting %d, limit = %d, want %d", s.remove, got, s.want)
+		}
+	}
+	if n := len(ft.shard(d).m); n != 0 {
+		t.Fatalf("the table holds %d devices with no fence", n)
+	}
+	ft.add(d, 1) // the map's slot for the device
+	ft.remove(d, 1)
+	if n := testing.AllocsPerRun(100, func() {
+		ft.add(d, 7)
+		ft.remove(d, 7)
+	}); n != 0 {
+		t.Errorf("fencing a lone append allocated %v times, want 0", n)
+	}
+}
