@@ -25,6 +25,9 @@ scenarios:
            (--via direct)
   drain    a device with P pending messages (--pending) connects
   storm    N connected devices (-n) all dropped at once reconnect with backoff
+  disk     no server: how long a write and fdatasync take in --dir, the wait
+           every accepted message has (a disk whose syncs stall bounds the
+           latency tail of any durable server on it)
 
 flags:
 `
@@ -61,6 +64,7 @@ func runBench(ctx context.Context, args []string) error {
 	fs.IntVar(&o.PerProcess, "per-process", 18500, "conns: connections per bench process before worker processes are used")
 	fs.IntVar(&o.DialConcurrency, "dial-concurrency", 64, "concurrent connection handshakes")
 	fs.BoolVar(&o.StormClose, "storm-close", false, "storm: drop the connections from the bench's side instead of restarting the child server")
+	fs.StringVar(&o.Dir, "dir", "", "disk: `directory` on the disk to measure (default: the temporary directory, where a child server keeps its data)")
 	quiet := fs.Bool("quiet", false, "no progress lines on stderr")
 	if err := fs.Parse(args[1:]); err != nil {
 		return err

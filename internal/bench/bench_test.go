@@ -8,6 +8,7 @@ import (
 	"net"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"strings"
 	"syscall"
 	"testing"
@@ -147,6 +148,45 @@ func TestPairsClosedLoop(t *testing.T) {
 	}
 	if res.P99Ms == nil || res.ServerCPUUsPerMsg == nil {
 		t.Errorf("missing latency or CPU figures")
+	}
+	// Every accepted message waited for a WAL fsync of the server's.
+	if res.ServerWALFsyncs == nil || *res.ServerWALFsyncs == 0 || res.ServerWALFsyncsSlow == nil {
+		t.Errorf("missing WAL fsync figures: %v, %v", res.ServerWALFsyncs, res.ServerWALFsyncsSlow)
+	}
+}
+
+// TestDisk measures writes and syncs in a directory, and leaves nothing
+// behind in it.
+func TestDisk(t *testing.T) {
+	t.Parallel()
+	dir := t.TempDir()
+	res := runOK(t, "disk", Options{Dir: dir, Duration: 300 * time.Millisecond, Log: testLog{t}}, 0)
+	if res.DiskSyncs == nil || *res.DiskSyncs == 0 || res.DiskSyncsPerSec == nil || *res.DiskSyncsPerSec <= 0 {
+		t.Errorf("no syncs: %v, %v", res.DiskSyncs, res.DiskSyncsPerSec)
+	}
+	if res.P50Ms == nil || res.MaxMs == nil || *res.P50Ms > *res.MaxMs || res.DiskStalls == nil {
+		t.Errorf("latency figures p50 %v max %v stalls %v", res.P50Ms, res.MaxMs, res.DiskStalls)
+	}
+	if ents, err := os.ReadDir(dir); err != nil || len(ents) != 0 {
+		t.Errorf("left in %s: %v (%v)", dir, ents, err)
+	}
+}
+
+// TestWALFsyncsFromMetrics reads the slow-fsync count from a histogram
+// as the server writes it: above the largest bound not over 100 ms.
+func TestWALFsyncsFromMetrics(t *testing.T) {
+	m := map[string]float64{
+		`courier_mailbox_wal_fsync_seconds_bucket{le="0.043865333106187024"}`: 90,
+		`courier_mailbox_wal_fsync_seconds_bucket{le="0.09527111042761806"}`:  95,
+		`courier_mailbox_wal_fsync_seconds_bucket{le="0.17718749304469372"}`:  98,
+		`courier_mailbox_wal_fsync_seconds_bucket{le="+Inf"}`:                 100,
+		`courier_mailbox_wal_fsync_seconds_count`:                             100,
+	}
+	if n, slow := walFsyncs(m); n != 100 || slow != 5 {
+		t.Errorf("walFsyncs = %v, %v; want 100, 5", n, slow)
+	}
+	if n, slow := walFsyncs(map[string]float64{"go_goroutines": 3}); n != -1 || slow != -1 {
+		t.Errorf("without the histogram: %v, %v", n, slow)
 	}
 }
 
@@ -290,6 +330,17 @@ func TestBadOptions(t *testing.T) {
 	}
 	if _, err := Run(context.Background(), "pairs", Options{ServerCmd: []string{"false"}, ServerProcs: -1}); err == nil || !strings.Contains(err.Error(), "--server-procs") {
 		t.Errorf("--server-procs -1: %v", err)
+	}
+	if _, err := Run(context.Background(), "disk", Options{Server: "http://127.0.0.1:1"}); err == nil || !strings.Contains(err.Error(), "--server") {
+		t.Errorf("disk with --server: %v", err)
+	}
+	if _, err := Run(context.Background(), "disk", Options{Dir: filepath.Join(t.TempDir(), "missing")}); err == nil || !strings.Contains(err.Error(), "--dir") {
+		t.Errorf("disk in a missing directory: %v", err)
+	}
+	notDir := filepath.Join(t.TempDir(), "file")
+	os.WriteFile(notDir, nil, 0o600)
+	if _, err := Run(context.Background(), "disk", Options{Dir: notDir}); err == nil || !strings.Contains(err.Error(), "not a directory") {
+		t.Errorf("disk in a file: %v", err)
 	}
 	// Nothing listens on port 1: account creation fails with an error,
 	// not a hang or a result.

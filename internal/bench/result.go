@@ -50,6 +50,12 @@ type Result struct {
 	ConnectPerSec   *float64 `json:"connect_per_sec,omitempty"`
 	Reconnects      *int64   `json:"reconnect_attempts,omitempty"`
 	Workers         *int64   `json:"bench_processes,omitempty"`
+	// disk: writes each followed by an fdatasync, their rate, and those
+	// that took 100 ms or more (stalls) with the time they took together.
+	DiskSyncs       *int64   `json:"disk_syncs,omitempty"`
+	DiskSyncsPerSec *float64 `json:"disk_syncs_per_sec,omitempty"`
+	DiskStalls      *int64   `json:"disk_stalls_over_100ms,omitempty"`
+	DiskStalledMs   *float64 `json:"disk_stalled_ms,omitempty"`
 
 	// ServerProcs is the server's GOMAXPROCS, from its metrics
 	// (go_sched_gomaxprocs_threads).
@@ -58,6 +64,14 @@ type Result struct {
 	ServerRSSBytes     *float64 `json:"server_rss_bytes,omitempty"`
 	ServerRSSBaseBytes *float64 `json:"server_rss_base_bytes,omitempty"`
 	ServerPeakRSSBytes *float64 `json:"server_peak_rss_bytes,omitempty"`
+	// ServerWALFsyncs counts the fsyncs of the server's mailbox WAL
+	// during the measured phase; ServerWALFsyncsSlow those that took
+	// longer than ~100 ms (the largest bound of the server's
+	// courier_mailbox_wal_fsync_seconds histogram not above 0.1 s). A
+	// slow fsync holds up every message accepted meanwhile, so these
+	// explain a tail that the server's CPU does not.
+	ServerWALFsyncs     *int64 `json:"server_wal_fsyncs,omitempty"`
+	ServerWALFsyncsSlow *int64 `json:"server_wal_fsyncs_over_100ms,omitempty"`
 	// ServerAnonRSSBytesPerConn is ServerRSSBytesPerConn counting
 	// anonymous memory only (RssAnon): not the pages of the binary's code
 	// and data that serving connections reads in once, whatever their

@@ -62,6 +62,9 @@ type Options struct {
 	StormClose bool
 	// DialConcurrency bounds concurrent handshakes (default 64).
 	DialConcurrency int
+	// Dir is the directory disk measures in (default: the temporary
+	// directory, where a child server keeps its data).
+	Dir string
 	// Log receives progress lines (nil: discarded).
 	Log io.Writer
 }
@@ -115,7 +118,7 @@ const (
 )
 
 // Scenarios lists the scenarios Run knows, in the order the help shows.
-var Scenarios = []string{"conns", "pairs", "fanout", "drain", "storm"}
+var Scenarios = []string{"conns", "pairs", "fanout", "drain", "storm", "disk"}
 
 // Run runs one scenario and returns its result. An error means the run
 // could not be made (server did not start, accounts could not be
@@ -125,6 +128,16 @@ func Run(ctx context.Context, scenario string, o Options) (*Result, error) {
 	o.defaults(scenario)
 	if o.Size < payloadHeader {
 		return nil, fmt.Errorf("--size %d: at least %d bytes (message id and send time)", o.Size, payloadHeader)
+	}
+	if scenario == "disk" { // the machine, not a server
+		if o.Server != "" {
+			return nil, errors.New("--server: disk measures the disk of the machine it runs on and talks to no server")
+		}
+		res, err := runDisk(ctx, o)
+		if res != nil {
+			res.Scenario = scenario
+		}
+		return res, err
 	}
 	fn := map[string]func(context.Context, *env) (*Result, error){
 		"conns": runConns, "pairs": runPairs, "fanout": runFanout, "drain": runDrain, "storm": runStorm,
@@ -268,6 +281,19 @@ func cpuPerMsg(s0, s1 stats, msgs int64) (*float64, *float64) {
 	return f64(cpu), f64(cpu * 1e6 / float64(msgs))
 }
 
+// walFigures adds what the server's mailbox WAL fsyncs did between two
+// samples: how many, and how many took over ~100 ms (a stall of the disk,
+// which every message accepted meanwhile waits out).
+func walFigures(res *Result, s0, s1 stats) {
+	if s0.walSyncs < 0 || s1.walSyncs < 0 {
+		return
+	}
+	res.ServerWALFsyncs = i64(int64(s1.walSyncs - s0.walSyncs))
+	if s0.walSlow >= 0 && s1.walSlow >= 0 {
+		res.ServerWALFsyncsSlow = i64(int64(s1.walSlow - s0.walSlow))
+	}
+}
+
 // settle waits until every accepted message is delivered, no send is
 // unanswered and (receipts) every delivery's receipt came back to its
 // sender, or the timeout passes.
@@ -343,6 +369,7 @@ func runPairs(ctx context.Context, e *env) (*Result, error) {
 	res.DeliveredPerSec = f64(float64(delivered) / elapsed)
 	messageFigures(res, r, false)
 	res.ServerCPUSeconds, res.ServerCPUUsPerMsg = cpuPerMsg(s0, s1, r.ledger.delivered.Load())
+	walFigures(res, s0, s1)
 	if !settled {
 		r.count("not_settled_after_30s", 1)
 	}
@@ -486,6 +513,7 @@ func runFanout(ctx context.Context, e *env) (*Result, error) {
 		res.Counters["group_updates_acked"] = n
 	}
 	res.ServerCPUSeconds, res.ServerCPUUsPerMsg = cpuPerMsg(s0, s1, r.ledger.delivered.Load())
+	walFigures(res, s0, s1)
 	return res, nil
 }
 
@@ -568,5 +596,6 @@ func runDrain(ctx context.Context, e *env) (*Result, error) {
 		r.count("not_drained", 1)
 	}
 	res.ServerCPUSeconds, res.ServerCPUUsPerMsg = cpuPerMsg(s0, s1, int64(o.Pending))
+	walFigures(res, s0, s1)
 	return res, nil
 }

@@ -232,14 +232,22 @@ func (t *target) describe() string {
 // unknown.
 type stats struct {
 	rss, anon, peakRSS, cpu, heap, stack, goroutines float64
+	// walSyncs counts the fsyncs of the server's mailbox WAL, walSlow
+	// those that took longer than walSlowBound (from its
+	// courier_mailbox_wal_fsync_seconds histogram; -1 when it has none).
+	walSyncs, walSlow float64
 }
+
+// walSlowBound is the largest bound of the server's WAL fsync histogram
+// that a slow fsync is counted above: the largest not above 100 ms.
+const walSlowBound = 0.1
 
 var scrapeClient = &http.Client{Timeout: 5 * time.Second}
 
 // sample reads the server's figures: /proc for a child, /metrics always
 // (Go heap and goroutines; RSS and CPU too when there is no child).
 func (t *target) sample() stats {
-	s := stats{rss: -1, anon: -1, peakRSS: -1, cpu: -1, heap: -1, stack: -1, goroutines: -1}
+	s := stats{rss: -1, anon: -1, peakRSS: -1, cpu: -1, heap: -1, stack: -1, goroutines: -1, walSyncs: -1, walSlow: -1}
 	if pid := t.pid(); pid != 0 {
 		if st, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid)); err == nil {
 			s.rss = procKB(string(st), "VmRSS:")
@@ -262,6 +270,7 @@ func (t *target) sample() stats {
 	if v, ok := m["go_goroutines"]; ok {
 		s.goroutines = v
 	}
+	s.walSyncs, s.walSlow = walFsyncs(m)
 	if s.rss < 0 {
 		if v, ok := m["process_resident_memory_bytes"]; ok {
 			s.rss = v
@@ -275,7 +284,35 @@ func (t *target) sample() stats {
 	return s
 }
 
-// metrics scrapes the unlabelled samples of /metrics.
+// walFsyncs reads the WAL fsync histogram from scraped metrics: the count,
+// and how many took longer than the largest bucket bound not above
+// walSlowBound. Both are -1 if the server has no such histogram.
+func walFsyncs(m map[string]float64) (count, slow float64) {
+	const name = "courier_mailbox_wal_fsync_seconds"
+	count, ok := m[name+"_count"]
+	if !ok {
+		return -1, -1
+	}
+	bound, below := -1.0, 0.0
+	for k, v := range m {
+		le, ok := strings.CutPrefix(k, name+`_bucket{le="`)
+		if !ok {
+			continue
+		}
+		b, err := strconv.ParseFloat(strings.TrimSuffix(le, `"}`), 64)
+		if err != nil || b > walSlowBound || b <= bound {
+			continue
+		}
+		bound, below = b, v
+	}
+	if bound < 0 {
+		return count, -1
+	}
+	return count, count - below
+}
+
+// metrics scrapes the samples of /metrics: an unlabelled one by its name,
+// a labelled one by its name and labels as written (name{k="v"}).
 func (t *target) metrics() map[string]float64 {
 	out := map[string]float64{}
 	resp, err := scrapeClient.Get(t.base + "/metrics")
@@ -290,15 +327,15 @@ func (t *target) metrics() map[string]float64 {
 	sc.Buffer(make([]byte, 64<<10), 1<<20)
 	for sc.Scan() {
 		line := sc.Text()
-		if line == "" || line[0] == '#' || strings.ContainsRune(line, '{') {
+		if line == "" || line[0] == '#' {
 			continue
 		}
-		name, val, ok := strings.Cut(line, " ")
-		if !ok {
+		i := strings.LastIndexByte(line, ' ') // label values may hold spaces; the value cannot
+		if i < 0 {
 			continue
 		}
-		if v, err := strconv.ParseFloat(strings.TrimSpace(val), 64); err == nil {
-			out[name] = v
+		if v, err := strconv.ParseFloat(line[i+1:], 64); err == nil {
+			out[line[:i]] = v
 		}
 	}
 	return out

@@ -9,6 +9,8 @@ import (
 	"errors"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+
 	"github.com/courier-im/courier/internal/ident"
 )
 
@@ -180,6 +182,12 @@ type DeleteAppendMany struct {
 // mailboxes, for the mailbox depth metric.
 type Depther interface {
 	Depth() int64
+}
+
+// Instrumented is an optional capability: metrics of the store's own (such
+// as its WAL's fsync latency), which the server registers beside its own.
+type Instrumented interface {
+	Collectors() []prometheus.Collector
 }
 
 // ErrUnavailable wraps errors that mean the store cannot accept writes now

@@ -317,6 +317,9 @@ func New(cfg Config) (*Server, error) {
 			Name: "courier_mailbox_depth", Help: "Entries held in all device mailboxes (accepted, not yet acknowledged).",
 		}, func() float64 { return float64(d.Depth()) }))
 	}
+	if in, ok := s.mailbox.(mailbox.Instrumented); ok {
+		s.registry.MustRegister(in.Collectors()...)
+	}
 
 	authn := &auth.Authenticator{Accounts: s.accounts, Limiter: auth.NewLimiter(cfg.AuthFailures)}
 	// The gateway is the delivery service's notifier and needs the service:

@@ -155,6 +155,7 @@ var (
 	_ mailbox.Depther        = (*Store)(nil)
 	_ mailbox.Sequencer      = (*Store)(nil)
 	_ mailbox.DeleteAppender = (*Store)(nil)
+	_ mailbox.Instrumented   = (*Store)(nil)
 )
 
 // Open opens the store in dir, creating it if needed.
