@@ -54,9 +54,17 @@ type commitReq struct {
 	// device, kept from readers until the batch completes (fence.go).
 	fenced    []uint64
 	fencedIDs []string
-	items     int
-	size      int
-	// published is closed once the batch is published or has failed;
+	// small holds highs, marks, fenced and fencedIDs for an append to
+	// at most smallAppend devices (a 1:1 message, a receipt), so that it
+	// allocates none of them.
+	small struct {
+		nums [3 * smallAppend]uint64
+		ids  [smallAppend]string
+	}
+	items int
+	size  int
+	// published, if the request has one (only those whose caller waits
+	// for it do), is closed once the batch is published or has failed;
 	// pubErr is set before.
 	published chan struct{}
 	pubErr    error
@@ -66,16 +74,22 @@ type commitReq struct {
 	err  error
 }
 
+// smallAppend is how many devices' figures a commitReq holds inline.
+const smallAppend = 2
+
+// newCommitReq makes a request whose caller waits for done only.
 func newCommitReq(b *pebbledb.Batch, sync bool) *commitReq {
-	return &commitReq{batch: b, sync: sync, published: make(chan struct{}), done: make(chan struct{})}
+	return &commitReq{batch: b, sync: sync, done: make(chan struct{})}
 }
 
 func (r *commitReq) complete(s *Store, err error) {
-	select {
-	case <-r.published:
-	default:
-		r.pubErr = err
-		close(r.published)
+	if r.published != nil {
+		select {
+		case <-r.published:
+		default:
+			r.pubErr = err
+			close(r.published)
+		}
 	}
 	r.err = err
 	if r.isAppend {
@@ -202,11 +216,11 @@ func (s *Store) committer() {
 	defer close(s.syncs)
 	var spare []*commitReq
 	for {
-		reqs := s.queue.take(spare)
-		if len(reqs) == 0 {
+		all := s.queue.take(spare)
+		if len(all) == 0 {
 			return
 		}
-		for len(reqs) > 0 {
+		for reqs := all; len(reqs) > 0; {
 			n, bytes := 1, len(reqs[0].batchRepr())
 			if reqs[0].fn == nil {
 				for n < len(reqs) && reqs[n].fn == nil && bytes+len(reqs[n].batchRepr()) <= maxGroupBytes {
@@ -217,7 +231,11 @@ func (s *Store) committer() {
 			s.commitGroup(reqs[:n])
 			reqs = reqs[n:]
 		}
-		spare = reqs[:0]
+		// The next take reuses this array (not the empty tail the loop
+		// ends on, which has no room: each push would then grow a new
+		// one), without holding on to the requests.
+		clear(all)
+		spare = all[:0]
 	}
 }
 
@@ -324,7 +342,9 @@ func (s *Store) commitGroup(group []*commitReq) {
 		if r.isAppend {
 			r.publishedAppend(s)
 		}
-		close(r.published)
+		if r.published != nil {
+			close(r.published)
+		}
 	}
 	if !sync {
 		b.Close()

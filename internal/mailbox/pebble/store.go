@@ -539,8 +539,15 @@ func (s *Store) addEntries(ctx context.Context, r *commitReq, batch *pebbledb.Ba
 	if err := s.failure(); err != nil {
 		return nil, err
 	}
-	marks := make([]uint64, 2*len(held))
-	r.highs, r.marks = marks[:len(held):len(held)], marks[len(held):]
+	n := len(held)
+	var nums []uint64
+	var ids []string
+	if n <= smallAppend {
+		nums, ids = r.small.nums[:3*n], r.small.ids[:n]
+	} else {
+		nums, ids = make([]uint64, 3*n), make([]string, n)
+	}
+	r.highs, r.marks, r.fenced, r.fencedIDs = nums[:n:n], nums[n:2*n:2*n], nums[2*n:], ids
 	for i, l := range held {
 		if !l.highKnown {
 			h, err := s.readHigh(l.name[len(lockAppendPrefix):])
@@ -554,8 +561,6 @@ func (s *Store) addEntries(ctx context.Context, r *commitReq, batch *pebbledb.Ba
 	}
 	// Fence the seqs this batch will take, before it can become visible;
 	// the fences are lifted when it completes (or never gets queued).
-	r.fenced = make([]uint64, len(held))
-	r.fencedIDs = make([]string, len(held))
 	for i, l := range held {
 		r.fenced[i] = l.high + 1
 		r.fencedIDs[i] = l.name[len(lockAppendPrefix):]
@@ -930,6 +935,7 @@ func (s *Store) startDeleteAppend(ctx context.Context, dels []mailbox.DeleteAppe
 		}
 	}
 	r := newCommitReq(batch, false)
+	r.published = make(chan struct{})
 	var appended []uint64
 	if len(items) > 0 {
 		r.sync, r.isAppend = true, true
