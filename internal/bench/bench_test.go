@@ -150,8 +150,8 @@ func TestPairsClosedLoop(t *testing.T) {
 		t.Errorf("missing latency or CPU figures")
 	}
 	// Every accepted message waited for a WAL fsync of the server's.
-	if res.ServerWALFsyncs == nil || *res.ServerWALFsyncs == 0 || res.ServerWALFsyncsSlow == nil {
-		t.Errorf("missing WAL fsync figures: %v, %v", res.ServerWALFsyncs, res.ServerWALFsyncsSlow)
+	if res.ServerWALFsyncs == nil || *res.ServerWALFsyncs == 0 || res.ServerWALFsyncsSlow == nil || res.ServerWALFsyncMeanMs == nil || *res.ServerWALFsyncMeanMs <= 0 {
+		t.Errorf("missing WAL fsync figures: %v, %v, %v", res.ServerWALFsyncs, res.ServerWALFsyncsSlow, res.ServerWALFsyncMeanMs)
 	}
 }
 

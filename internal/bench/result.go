@@ -67,11 +67,13 @@ type Result struct {
 	// ServerWALFsyncs counts the fsyncs of the server's mailbox WAL
 	// during the measured phase; ServerWALFsyncsSlow those that took
 	// longer than ~100 ms (the largest bound of the server's
-	// courier_mailbox_wal_fsync_seconds histogram not above 0.1 s). A
-	// slow fsync holds up every message accepted meanwhile, so these
-	// explain a tail that the server's CPU does not.
-	ServerWALFsyncs     *int64 `json:"server_wal_fsyncs,omitempty"`
-	ServerWALFsyncsSlow *int64 `json:"server_wal_fsyncs_over_100ms,omitempty"`
+	// courier_mailbox_wal_fsync_seconds histogram not above 0.1 s);
+	// ServerWALFsyncMeanMs is their mean time. A slow fsync holds up
+	// every message accepted meanwhile, so these explain a tail that the
+	// server's CPU does not.
+	ServerWALFsyncs      *int64   `json:"server_wal_fsyncs,omitempty"`
+	ServerWALFsyncMeanMs *float64 `json:"server_wal_fsync_mean_ms,omitempty"`
+	ServerWALFsyncsSlow  *int64   `json:"server_wal_fsyncs_over_100ms,omitempty"`
 	// ServerAnonRSSBytesPerConn is ServerRSSBytesPerConn counting
 	// anonymous memory only (RssAnon): not the pages of the binary's code
 	// and data that serving connections reads in once, whatever their

@@ -282,13 +282,17 @@ func cpuPerMsg(s0, s1 stats, msgs int64) (*float64, *float64) {
 }
 
 // walFigures adds what the server's mailbox WAL fsyncs did between two
-// samples: how many, and how many took over ~100 ms (a stall of the disk,
-// which every message accepted meanwhile waits out).
+// samples: how many, their mean time, and how many took over ~100 ms (a
+// stall of the disk, which every message accepted meanwhile waits out).
 func walFigures(res *Result, s0, s1 stats) {
 	if s0.walSyncs < 0 || s1.walSyncs < 0 {
 		return
 	}
-	res.ServerWALFsyncs = i64(int64(s1.walSyncs - s0.walSyncs))
+	n := s1.walSyncs - s0.walSyncs
+	res.ServerWALFsyncs = i64(int64(n))
+	if n > 0 && s0.walSeconds >= 0 && s1.walSeconds >= 0 {
+		res.ServerWALFsyncMeanMs = f64((s1.walSeconds - s0.walSeconds) * 1000 / n)
+	}
 	if s0.walSlow >= 0 && s1.walSlow >= 0 {
 		res.ServerWALFsyncsSlow = i64(int64(s1.walSlow - s0.walSlow))
 	}

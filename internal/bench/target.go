@@ -236,6 +236,7 @@ type stats struct {
 	// those that took longer than walSlowBound (from its
 	// courier_mailbox_wal_fsync_seconds histogram; -1 when it has none).
 	walSyncs, walSlow float64
+	walSeconds        float64 // their total time
 }
 
 // walSlowBound is the largest bound of the server's WAL fsync histogram
@@ -247,7 +248,7 @@ var scrapeClient = &http.Client{Timeout: 5 * time.Second}
 // sample reads the server's figures: /proc for a child, /metrics always
 // (Go heap and goroutines; RSS and CPU too when there is no child).
 func (t *target) sample() stats {
-	s := stats{rss: -1, anon: -1, peakRSS: -1, cpu: -1, heap: -1, stack: -1, goroutines: -1, walSyncs: -1, walSlow: -1}
+	s := stats{rss: -1, anon: -1, peakRSS: -1, cpu: -1, heap: -1, stack: -1, goroutines: -1, walSyncs: -1, walSlow: -1, walSeconds: -1}
 	if pid := t.pid(); pid != 0 {
 		if st, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid)); err == nil {
 			s.rss = procKB(string(st), "VmRSS:")
@@ -271,6 +272,9 @@ func (t *target) sample() stats {
 		s.goroutines = v
 	}
 	s.walSyncs, s.walSlow = walFsyncs(m)
+	if v, ok := m["courier_mailbox_wal_fsync_seconds_sum"]; ok {
+		s.walSeconds = v
+	}
 	if s.rss < 0 {
 		if v, ok := m["process_resident_memory_bytes"]; ok {
 			s.rss = v
