@@ -54,10 +54,11 @@ type commitReq struct {
 	// device, kept from readers until the batch completes (fence.go).
 	fenced    []uint64
 	fencedIDs []string
-	// small holds highs, marks, fenced and fencedIDs for an append to
+	// small holds held, highs, marks, fenced and fencedIDs for an append to
 	// at most smallAppend devices (a 1:1 message, a receipt), so that it
 	// allocates none of them.
 	small struct {
+		held [smallAppend]*lock
 		nums [3 * smallAppend]uint64
 		ids  [smallAppend]string
 	}

@@ -145,12 +145,16 @@ func (t *lockTable) release(l *lock) {
 }
 
 // acquireAll takes every lock in names (in sorted order, once each). Taking locks in one global order is what keeps two batches that
-// share devices from deadlocking.
-func (t *lockTable) acquireAll(ctx context.Context, names []string, abort <-chan struct{}) ([]*lock, error) {
-	names = slices.Clone(names)
-	slices.Sort(names)
-	names = slices.Compact(names)
-	held := make([]*lock, 0, len(names))
+// share devices from deadlocking. The locks are appended to held (which
+// may be nil, or a caller's buffer to fill without allocating), sorted by
+// name; names is left as it was.
+func (t *lockTable) acquireAll(ctx context.Context, names []string, abort <-chan struct{}, held []*lock) ([]*lock, error) {
+	if len(names) > 1 {
+		names = slices.Clone(names)
+		slices.Sort(names)
+		names = slices.Compact(names)
+	}
+	held = held[:0]
 	for _, n := range names {
 		l, err := t.acquire(ctx, n, abort)
 		if err != nil {

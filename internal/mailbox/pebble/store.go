@@ -525,7 +525,11 @@ func (s *Store) startAppend(ctx context.Context, b mailbox.Batch) (*pending, err
 // caller closes batch; r's locks and fences are released by whoever
 // completes or abandons r.
 func (s *Store) addEntries(ctx context.Context, r *commitReq, batch *pebbledb.Batch, names []string, items []mailbox.Item, when time.Time) ([]uint64, error) {
-	held, err := s.locks.acquireAll(ctx, names, s.failed)
+	var buf []*lock
+	if len(names) <= smallAppend {
+		buf = r.small.held[:0]
+	}
+	held, err := s.locks.acquireAll(ctx, names, s.failed, buf)
 	if err != nil {
 		return nil, s.lockErr(err)
 	}
@@ -898,7 +902,7 @@ func (s *Store) startDeleteAppend(ctx context.Context, dels []mailbox.DeleteAppe
 		for i, id := range ids {
 			names[i] = lockDeletePrefix + string(id)
 		}
-		held, err := s.locks.acquireAll(ctx, names, s.failed)
+		held, err := s.locks.acquireAll(ctx, names, s.failed, nil)
 		if err != nil {
 			return nil, nil, s.lockErr(err)
 		}
@@ -1090,7 +1094,7 @@ func (s *Store) deleteEntries(ctx context.Context, keys [][]byte) (int, error) {
 		}
 		names = append(names, lockDeletePrefix+string(id))
 	}
-	held, err := s.locks.acquireAll(ctx, names, s.failed)
+	held, err := s.locks.acquireAll(ctx, names, s.failed, nil)
 	if err != nil {
 		return 0, s.lockErr(err)
 	}
