@@ -208,6 +208,13 @@ type PendingSend struct {
 	// waited holds Wait's result once it has been computed.
 	waited bool
 	err    error
+	// one holds pending, parts and seqs of a send of one append (every
+	// 1:1 message), so that it allocates no slices for them.
+	one struct {
+		pending [1]mailbox.Pending
+		parts   [1][]mailbox.Item
+		seqs    [1][]uint64
+	}
 }
 
 // StartSend does the part of Send that orders the message: it checks the
@@ -318,8 +325,10 @@ func (s *Service) StartSend(ctx context.Context, req SendRequest) (*PendingSend,
 		}
 		return nil, s.storageError(err)
 	}
-	return &PendingSend{s: s, pending: []mailbox.Pending{p}, parts: [][]mailbox.Item{items}, began: began, head: env,
-		acc: Accepted{ServerID: serverID, Time: time.UnixMilli(now.UnixMilli())}}, nil
+	ps := &PendingSend{s: s, began: began, head: env, acc: Accepted{ServerID: serverID, Time: time.UnixMilli(now.UnixMilli())}}
+	ps.one.pending[0], ps.one.parts[0] = p, items
+	ps.pending, ps.parts, ps.seqs = ps.one.pending[:], ps.one.parts[:], ps.one.seqs[:0]
+	return ps, nil
 }
 
 // Wait returns once the message is durable (or known to be a duplicate),

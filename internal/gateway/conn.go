@@ -292,6 +292,9 @@ func (c *conn) replyError(id uint64, code pb.ErrorCode, msg string) {
 }
 
 func (c *conn) replyOk(id uint64) {
+	if id == 0 { // no reply asked for: not even built (most acks)
+		return
+	}
 	c.answer(&pb.ServerFrame{Id: id, Body: &pb.ServerFrame_Ok{Ok: &pb.Ok{}}})
 }
 
