@@ -343,14 +343,14 @@ func (c *conn) startFrame(typ websocket.MessageType, data []byte) {
 		c.replyError(0, pb.ErrorCode_ERROR_CODE_MALFORMED, "frames are binary protobuf ClientFrame messages")
 		return
 	}
-	var f pb.ClientFrame
-	if err := proto.Unmarshal(data, &f); err != nil {
+	f, err := decodeClientFrame(data)
+	if err != nil {
 		// Answer with the frame's id if it can be read, so that a device
 		// waiting for that reply gets it.
 		c.replyError(frameID(data), pb.ErrorCode_ERROR_CODE_MALFORMED, "cannot decode ClientFrame: "+err.Error())
 		return
 	}
-	c.handle(&f)
+	c.handle(f)
 }
 
 // frameID returns the id of an undecodable ClientFrame, if its top-level
