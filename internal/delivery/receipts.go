@@ -350,10 +350,10 @@ func (s *Service) receiptItems(ctx context.Context, by ident.Device, sender stri
 		To:           sender,
 		Receipt:      &pb.Receipt{Type: typ, Messages: msgs},
 	}
-	data, err := proto.Marshal(env)
-	if err != nil {
-		return nil, nil, fmt.Errorf("encode receipt: %w", err)
+	if !receiptStringsValid(env) {
+		return nil, nil, errors.New("encode receipt: a string is not UTF-8")
 	}
+	data := appendReceiptEnvelope(make([]byte, 0, receiptEnvelopeSize(env)), env)
 	items := make([]mailbox.Item, len(devs))
 	for i, d := range devs {
 		items[i] = mailbox.Item{Device: ident.Device{User: sender, ID: d.ID}, Data: data}
