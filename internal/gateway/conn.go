@@ -495,9 +495,29 @@ func (c *conn) handleSend(id uint64, s *pb.Send) {
 			c.refuse(id, r)
 			return
 		}
+		c.answerAccepted(id, acc)
+	})
+}
+
+// answerAccepted answers a Send with its Accepted: on the epoll transport
+// encoded straight into the batch without reflection (one per message).
+func (c *conn) answerAccepted(id uint64, acc delivery.Accepted) {
+	if id == 0 {
+		return
+	}
+	if c.gr != nil {
 		c.answer(&pb.ServerFrame{Id: id, Body: &pb.ServerFrame_Accepted{Accepted: &pb.Accepted{
 			ServerId: acc.ServerID, ServerTimeMs: acc.Time.UnixMilli(), Duplicate: acc.Duplicate}}})
-	})
+		return
+	}
+	ms := acc.Time.UnixMilli()
+	b := c.lockBatch()
+	*b = appendAcceptedFrame(appendFrameHeader(*b, acceptedFrameSize(id, acc.ServerID, ms, acc.Duplicate)), id, acc.ServerID, ms, acc.Duplicate)
+	c.unlockBatch(false)
+	// As reply does: held while the pipeline's run has more to answer.
+	if !c.pipe.more.Load() {
+		c.evFlush()
+	}
 }
 
 func (c *conn) refuse(id uint64, r *delivery.Refusal) {

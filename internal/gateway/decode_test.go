@@ -146,3 +146,28 @@ func FuzzDecodeClientFrame(f *testing.F) {
 		}
 	})
 }
+
+// TestAcceptedFrameEncoding checks appendAcceptedFrame against
+// proto.Marshal, byte for byte, with and without each field.
+func TestAcceptedFrameEncoding(t *testing.T) {
+	for _, id := range []uint64{0, 1, 300, 1 << 63} {
+		for _, sid := range []string{"", "01KAR7Q1X6N2Z8M3VJ4T0E5W9C", "é"} {
+			for _, ms := range []int64{0, 1700000000000, -1} {
+				for _, dup := range []bool{false, true} {
+					want, err := proto.Marshal(&pb.ServerFrame{Id: id, Body: &pb.ServerFrame_Accepted{Accepted: &pb.Accepted{
+						ServerId: sid, ServerTimeMs: ms, Duplicate: dup}}})
+					if err != nil {
+						t.Fatal(err)
+					}
+					got := appendAcceptedFrame([]byte{9}, id, sid, ms, dup)
+					if !bytes.Equal(got[1:], want) || got[0] != 9 {
+						t.Errorf("id %d %q %d %v: %x, want %x", id, sid, ms, dup, got[1:], want)
+					}
+					if n := acceptedFrameSize(id, sid, ms, dup); n != len(want) {
+						t.Errorf("id %d %q %d %v: size %d, want %d", id, sid, ms, dup, n, len(want))
+					}
+				}
+			}
+		}
+	}
+}

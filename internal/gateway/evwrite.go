@@ -58,6 +58,60 @@ func appendFrameHeader(b []byte, n int) []byte {
 	}
 }
 
+// Field numbers of ServerFrame.id, ServerFrame.accepted and Accepted's
+// fields (proto/courier/v1/courier.proto).
+const (
+	serverFrameIDField       = 1
+	serverFrameAcceptedField = 3
+	acceptedServerIDField    = 1
+	acceptedTimeField        = 2
+	acceptedDuplicateField   = 3
+)
+
+// appendAcceptedFrame appends a ServerFrame{id, Accepted{serverID, ms,
+// dup}} as proto.Marshal writes it (fields in number order, proto3
+// defaults left out; TestAcceptedFrameEncoding compares them).
+func appendAcceptedFrame(b []byte, id uint64, serverID string, ms int64, dup bool) []byte {
+	if id != 0 {
+		b = protowire.AppendVarint(protowire.AppendTag(b, serverFrameIDField, protowire.VarintType), id)
+	}
+	b = protowire.AppendTag(b, serverFrameAcceptedField, protowire.BytesType)
+	b = protowire.AppendVarint(b, uint64(acceptedSize(serverID, ms, dup)))
+	if serverID != "" {
+		b = protowire.AppendString(protowire.AppendTag(b, acceptedServerIDField, protowire.BytesType), serverID)
+	}
+	if ms != 0 {
+		b = protowire.AppendVarint(protowire.AppendTag(b, acceptedTimeField, protowire.VarintType), uint64(ms))
+	}
+	if dup {
+		b = protowire.AppendVarint(protowire.AppendTag(b, acceptedDuplicateField, protowire.VarintType), 1)
+	}
+	return b
+}
+
+func acceptedSize(serverID string, ms int64, dup bool) int {
+	n := 0
+	if serverID != "" {
+		n += protowire.SizeTag(acceptedServerIDField) + protowire.SizeBytes(len(serverID))
+	}
+	if ms != 0 {
+		n += protowire.SizeTag(acceptedTimeField) + protowire.SizeVarint(uint64(ms))
+	}
+	if dup {
+		n += protowire.SizeTag(acceptedDuplicateField) + 1
+	}
+	return n
+}
+
+// acceptedFrameSize is the length of appendAcceptedFrame's encoding.
+func acceptedFrameSize(id uint64, serverID string, ms int64, dup bool) int {
+	n := protowire.SizeTag(serverFrameAcceptedField) + protowire.SizeBytes(acceptedSize(serverID, ms, dup))
+	if id != 0 {
+		n += protowire.SizeTag(serverFrameIDField) + protowire.SizeVarint(id)
+	}
+	return n
+}
+
 // deliverSize is the length of appendDeliver's encoding.
 func deliverSize(seq uint64, n int) int {
 	inner := protowire.SizeTag(1) + protowire.SizeVarint(seq) + protowire.SizeTag(2) + protowire.SizeBytes(n)
