@@ -56,12 +56,22 @@ func BenchmarkDecodeAck(b *testing.B) {
 }
 
 func BenchmarkEncodeAccepted(b *testing.B) {
-	b.ReportAllocs()
-	for b.Loop() {
-		f := &pb.ServerFrame{Id: 12345, Body: &pb.ServerFrame_Accepted{Accepted: &pb.Accepted{
-			ServerId: "01KAR7Q1X6N2Z8M3VJ4T0E5W9C", ServerTimeMs: 1700000000000}}}
-		if _, err := proto.Marshal(f); err != nil {
-			b.Fatal(err)
+	b.Run("proto", func(b *testing.B) {
+		b.ReportAllocs()
+		for b.Loop() {
+			f := &pb.ServerFrame{Id: 12345, Body: &pb.ServerFrame_Accepted{Accepted: &pb.Accepted{
+				ServerId: "01KAR7Q1X6N2Z8M3VJ4T0E5W9C", ServerTimeMs: 1700000000000}}}
+			if _, err := proto.Marshal(f); err != nil {
+				b.Fatal(err)
+			}
 		}
-	}
+	})
+	b.Run("gateway", func(b *testing.B) { // into a batch, as answerAccepted does
+		b.ReportAllocs()
+		buf := make([]byte, 0, 4<<10)
+		for b.Loop() {
+			const id, sid, ms = 12345, "01KAR7Q1X6N2Z8M3VJ4T0E5W9C", 1700000000000
+			buf = appendAcceptedFrame(appendFrameHeader(buf[:0], acceptedFrameSize(id, sid, ms, false)), id, sid, ms, false)
+		}
+	})
 }
