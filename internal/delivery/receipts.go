@@ -272,14 +272,16 @@ func (s *Service) emitDelivered(ctx context.Context, by ident.Device, envs []*pb
 func (s *Service) deliveredItems(ctx context.Context, by ident.Device, envs []*pb.Envelope) ([]mailbox.Item, headers, error) {
 	var order []string
 	bySender := map[string][]*pb.MessageRef{}
-	for _, env := range envs {
+	refs := make([]pb.MessageRef, len(envs)) // one allocation for every reference
+	for i, env := range envs {
 		if env.Kind != pb.EnvelopeKind_ENVELOPE_KIND_MESSAGE || env.Sender == by.User {
 			continue
 		}
 		if _, ok := bySender[env.Sender]; !ok {
 			order = append(order, env.Sender)
 		}
-		bySender[env.Sender] = append(bySender[env.Sender], &pb.MessageRef{ServerId: env.ServerId, ClientMsgId: env.ClientMsgId})
+		refs[i].ServerId, refs[i].ClientMsgId = env.ServerId, env.ClientMsgId
+		bySender[env.Sender] = append(bySender[env.Sender], &refs[i])
 	}
 	if len(order) == 0 {
 		return nil, headers{}, nil

@@ -882,10 +882,11 @@ func (s *Store) startDeleteAppend(ctx context.Context, dels []mailbox.DeleteAppe
 			seqs[i] = slices.Compact(ss)
 		}
 	}
-	done := &pending{res: mailbox.Result{Seqs: []uint64{}}}
+	// done is the Pending of a call that writes nothing.
+	done := func() *pending { return &pending{res: mailbox.Result{Seqs: []uint64{}}} }
 	removed := make([][]mailbox.Entry, len(dels))
 	if !some {
-		return removed, done, nil
+		return removed, done(), nil
 	}
 	if err := s.space.check(s.minFree/2, 0); err != nil {
 		return nil, nil, err
@@ -929,7 +930,7 @@ func (s *Store) startDeleteAppend(ctx context.Context, dels []mailbox.DeleteAppe
 		n += len(out)
 	}
 	if n == 0 {
-		return removed, done, nil
+		return removed, done(), nil
 	}
 	var items []mailbox.Item
 	if then != nil {
