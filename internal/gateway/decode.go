@@ -168,63 +168,49 @@ func fastSend(id uint64, b []byte) *pb.ClientFrame {
 	var strBytes, dataBytes, payloads int
 	for rest := b; len(rest) > 0; {
 		num, typ, n := protowire.ConsumeTag(rest)
-		if n < 0 {
+		if n < 0 || num < fSendClientMsgID || num > fSendFirstAttempt {
 			return nil
 		}
 		rest = rest[n:]
-		switch {
-		case num == fSendPayloads:
-			if typ != protowire.BytesType {
-				return nil
-			}
-			v, m := protowire.ConsumeBytes(rest)
-			if m < 0 {
-				return nil
-			}
-			rest = rest[m:]
-			user, data, ok := checkPayload(v)
-			if !ok {
-				return nil
-			}
-			strBytes += user
-			dataBytes += data
-			payloads++
-			if payloads > maxFastSendPayloads {
-				return nil
-			}
-			continue
-		case num < fSendClientMsgID || num > fSendFirstAttempt || seen[num]:
-			return nil
-		}
-		seen[num] = true
-		switch num {
-		case fSendClientMsgID, fSendTo, fSendGroup, fSendPayload:
-			if typ != protowire.BytesType {
-				return nil
-			}
-			v, m := protowire.ConsumeBytes(rest)
-			if m < 0 {
-				return nil
-			}
-			rest = rest[m:]
-			if num == fSendPayload {
-				dataBytes += len(v)
-			} else {
-				if !utf8.Valid(v) {
-					return nil
-				}
-				strBytes += len(v)
-			}
-		default: // group_version, first_attempt
-			if typ != protowire.VarintType {
+		if num == fSendGroupVersion || num == fSendFirstAttempt {
+			if typ != protowire.VarintType || seen[num] {
 				return nil
 			}
 			_, m := protowire.ConsumeVarint(rest)
 			if m < 0 {
 				return nil
 			}
-			rest = rest[m:]
+			rest, seen[num] = rest[m:], true
+			continue
 		}
+		if typ != protowire.BytesType {
+			return nil
+		}
+		v, m := protowire.ConsumeBytes(rest)
+		if m < 0 {
+			return nil
+		}
+		rest = rest[m:]
+		switch num {
+		case fSendPayloads: // repeated
+			user, data, ok := checkPayload(v)
+			if !ok || payloads == maxFastSendPayloads {
+				return nil
+			}
+			strBytes, dataBytes, payloads = strBytes+user, dataBytes+data, payloads+1
+			continue
+		case fSendPayload:
+			dataBytes += len(v)
+		default: // client_msg_id, to, group
+			if !utf8.Valid(v) {
+				return nil
+			}
+			strBytes += len(v)
+		}
+		if seen[num] {
+			return nil
+		}
+		seen[num] = true
 	}
 
 	// Second pass: fill in. Everything was checked above.
