@@ -28,14 +28,14 @@ import (
 	"os"
 	"os/signal"
 	"strconv"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
 
+	"github.com/HdrHistogram/hdrhistogram-go"
 	mqtt "github.com/eclipse/paho.mqtt.golang"
 
-	"github.com/HdrHistogram/hdrhistogram-go"
+	"github.com/courier-im/courier/internal/bench"
 )
 
 type options struct {
@@ -238,7 +238,7 @@ func run(ctx context.Context, o options) (*result, error) {
 		p.tally.accept(id)
 	}
 
-	cpu0, bench0 := procCPU(o.pid), procCPU(os.Getpid())
+	cpu0, bench0 := bench.ProcessCPU(o.pid), bench.ProcessCPU(os.Getpid())
 	start := time.Now()
 	phase, cancel := context.WithTimeout(ctx, o.duration)
 	defer cancel()
@@ -284,7 +284,7 @@ func run(ctx context.Context, o options) (*result, error) {
 	}
 	<-phase.Done()
 	elapsed := time.Since(start).Seconds()
-	cpu1, bench1 := procCPU(o.pid), procCPU(os.Getpid())
+	cpu1, bench1 := bench.ProcessCPU(o.pid), bench.ProcessCPU(os.Getpid())
 	nDelivered := delivered.Load()
 	wg.Wait()
 	// Drain: wait for every accepted message to arrive.
@@ -325,31 +325,4 @@ func run(ctx context.Context, o options) (*result, error) {
 		return res, fmt.Errorf("%d connections lost during the run", n)
 	}
 	return res, nil
-}
-
-// procCPU returns utime+stime of a process in seconds (/proc/PID/stat,
-// clock ticks of 1/100 s), or -1.
-func procCPU(pid int) float64 {
-	if pid <= 0 {
-		return -1
-	}
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
-	if err != nil {
-		return -1
-	}
-	s := string(b)
-	i := strings.LastIndexByte(s, ')')
-	if i < 0 {
-		return -1
-	}
-	f := strings.Fields(s[i+1:])
-	if len(f) < 13 {
-		return -1
-	}
-	ut, err1 := strconv.ParseFloat(f[11], 64)
-	st, err2 := strconv.ParseFloat(f[12], 64)
-	if err1 != nil || err2 != nil {
-		return -1
-	}
-	return (ut + st) / 100
 }

@@ -96,13 +96,7 @@ func selfRSS() float64 {
 	return procKB(string(st), "VmRSS:")
 }
 
-func selfCPU() float64 {
-	st, err := os.ReadFile("/proc/self/stat")
-	if err != nil {
-		return -1
-	}
-	return procCPU(string(st))
-}
+func selfCPU() float64 { return ProcessCPU(os.Getpid()) }
 
 // RunWorker is the hidden `courier bench conns-worker` mode: it reads a
 // connSpec from in, connects, writes a "connected" report line to out,

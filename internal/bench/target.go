@@ -359,6 +359,17 @@ func procKB(status, field string) float64 {
 	return -1
 }
 
+// ProcessCPU returns the CPU time (user and system) process pid has used,
+// in seconds, from /proc, or -1 if it cannot be read. cmd/mqtt-pairs
+// measures reference brokers with it as the bench measures a child server.
+func ProcessCPU(pid int) float64 {
+	st, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil || pid <= 0 {
+		return -1
+	}
+	return procCPU(string(st))
+}
+
 // procCPU returns utime+stime in seconds from /proc/PID/stat (fields 14
 // and 15, in clock ticks of 1/100 s on Linux).
 func procCPU(stat string) float64 {
