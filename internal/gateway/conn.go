@@ -238,13 +238,7 @@ func (c *conn) reply(f *pb.ServerFrame) {
 		// deadline). While the pipeline has more frames to finish in its
 		// run, the reply waits in the batch for theirs (evwrite.go).
 		c.evWriteFrame(f, false)
-		// Held only while the pipeline's run has more tails to answer:
-		// checked again after the frame is in the batch, so a reply
-		// added just after the run's last flush (one from the reader,
-		// racing the pipeline) is not left waiting for the next.
-		if !c.pipe.more.Load() {
-			c.evFlush()
-		}
+		c.flushReplies()
 		return
 	}
 	select {
@@ -259,6 +253,17 @@ func (c *conn) reply(f *pb.ServerFrame) {
 	case <-c.gr.closed:
 	case <-t.C:
 		c.closeWith(pb.ErrorCode_ERROR_CODE_SLOW_CONSUMER, "not reading replies", CloseSlowConsumer, 0)
+	}
+}
+
+// flushReplies writes the batch of an epoll connection after a reply was
+// added to it, unless the pipeline's run has more tails to answer. It is
+// checked after the frame is in the batch, so a reply added just after the
+// run's last flush (one from the reader, racing the pipeline) is not left
+// waiting for the next.
+func (c *conn) flushReplies() {
+	if !c.pipe.more.Load() {
+		c.evFlush()
 	}
 }
 
@@ -514,10 +519,7 @@ func (c *conn) answerAccepted(id uint64, acc delivery.Accepted) {
 	b := c.lockBatch()
 	*b = appendAcceptedFrame(appendFrameHeader(*b, acceptedFrameSize(id, acc.ServerID, ms, acc.Duplicate)), id, acc.ServerID, ms, acc.Duplicate)
 	c.unlockBatch(false)
-	// As reply does: held while the pipeline's run has more to answer.
-	if !c.pipe.more.Load() {
-		c.evFlush()
-	}
+	c.flushReplies()
 }
 
 func (c *conn) refuse(id uint64, r *delivery.Refusal) {
