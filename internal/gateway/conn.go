@@ -256,14 +256,15 @@ func (c *conn) reply(f *pb.ServerFrame) {
 	}
 }
 
-// flushReplies writes the batch of an epoll connection after a reply was
+// flushReplies has the batch of an epoll connection written (by its
+// flusher, with what else the connection has waiting) after a reply was
 // added to it, unless the pipeline's run has more tails to answer. It is
 // checked after the frame is in the batch, so a reply added just after the
 // run's last flush (one from the reader, racing the pipeline) is not left
 // waiting for the next.
 func (c *conn) flushReplies() {
 	if !c.pipe.more.Load() {
-		c.evFlush()
+		c.evFlushSoon()
 	}
 }
 

@@ -80,9 +80,10 @@ const (
 // copies of both socket addresses, closures, a map entry), more than
 // courier's state, which no option of it would drop.
 type epoll struct {
-	g     *Gateway
-	pool  *workers // runs frame handling and pumps
-	loops []*evLoop
+	g        *Gateway
+	pool     *workers // runs frame handling and pumps
+	loops    []*evLoop
+	flushers []*flusher
 	// socks maps a socket descriptor to its connection, for the loops
 	// (epoll hands them the descriptor); nil where none is registered.
 	socks sockTable
@@ -199,7 +200,7 @@ type epollState struct {
 
 	// pump: 0 idle, 1 running, 2 running and poked again.
 	pump   atomic.Int32
-	flags  atomic.Uint32 // evReady, evDiscard, evEnded, evBroken: each set once, never cleared
+	flags  atomic.Uint32 // evReady, evDiscard, evEnded, evBroken: each set once, never cleared; and evQueued
 	synced bool          // Synced has been sent (pump only)
 	linger bool          // shut down once out is written (wmu)
 	// paused: not read, its queue of messages is full (changed with wmu
@@ -213,6 +214,7 @@ const (
 	evDiscard             // closing: data messages are no longer handled
 	evEnded               // evEnd has run
 	evBroken              // the input cannot be parsed further: it is dropped
+	evQueued              // on its flusher's queue (flush.go); cleared when taken off
 )
 
 // has reports whether flag f is set.
@@ -220,6 +222,9 @@ func (s *epollState) has(f uint32) bool { return s.flags.Load()&f != 0 }
 
 // set sets flag f and reports whether it was set already.
 func (s *epollState) set(f uint32) (was bool) { return s.flags.Or(f)&f != 0 }
+
+// clear clears flag f (evQueued only: the others are never cleared).
+func (s *epollState) clear(f uint32) { s.flags.And(^f) }
 
 const (
 	// evReadBuffer is the size of each loop's read buffer.
@@ -268,6 +273,12 @@ func newEpoll(g *Gateway) (*epoll, error) {
 	for _, l := range e.loops {
 		e.wg.Add(1)
 		go e.run(l)
+	}
+	for range n {
+		f := newFlusher()
+		e.flushers = append(e.flushers, f)
+		e.wg.Add(1)
+		go e.flush(f)
 	}
 	e.wg.Add(1)
 	go e.ticker()
@@ -1009,7 +1020,7 @@ func (c *conn) sendPending() bool {
 		c.hand.done()
 		if !read || room <= 0 {
 			// Caught up, or the window is full (acks poke the pump).
-			return c.evFlush()
+			return c.evFlushSoon()
 		}
 		want := min(room, readBatch)
 		c.hand.reading()
@@ -1042,7 +1053,7 @@ func (c *conn) sendPending() bool {
 				c.ev.synced = true
 				return c.evWriteFrame(&pb.ServerFrame{Body: &pb.ServerFrame_Synced{Synced: &pb.Synced{Pending: c.ev.pending}}}, true)
 			}
-			return c.evFlush()
+			return c.evFlushSoon()
 		}
 		if !c.evFlush() {
 			return false

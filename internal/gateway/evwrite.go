@@ -20,8 +20,9 @@ import (
 // Every frame the server sends on an epoll connection is framed here
 // (server frames are unmasked: a 2 to 10 byte header and the payload) and
 // appended to the connection's batch, a pooled buffer; the batch is handed
-// to the socket, with one write(2), when the writer asks for it (flush)
-// or when it reaches flushAt bytes. So the pump sends a whole mailbox read
+// to the socket, with one write(2), when the writer asks for it (flush),
+// when the connection's flusher gets to it (evFlushSoon, flush.go) or
+// when it reaches flushAt bytes. So the pump sends a whole mailbox read
 // (up to readBatch Deliver frames, and Synced) with one write, and the
 // pipeline the replies of all the frames it finishes in one run (the
 // Accepted frames of a pipelined burst of sends, the Oks of acks). Frames

@@ -70,12 +70,13 @@ func (c *conn) then(fn func()) {
 	}
 }
 
-// runPipeline runs the pipeline, which on the epoll transport writes the
-// replies it held during a run at the end of the run.
+// runPipeline runs the pipeline, which on the epoll transport hands the
+// replies it held during a run to the connection's flusher at the end of
+// the run (flush.go).
 func (c *conn) runPipeline() {
 	var flush func() bool
 	if c.gr == nil {
-		flush = c.evFlush
+		flush = c.evFlushSoon
 	}
 	c.pipe.run(flush)
 }
@@ -83,7 +84,7 @@ func (c *conn) runPipeline() {
 // run finishes the queued tails in runs: each run takes every tail queued
 // when it starts. While a tail has others after it in its run, more is
 // set, and the epoll transport keeps that tail's reply in the connection's
-// batch (evwrite.go): the replies of one run go out with one write when
+// batch (evwrite.go): the replies of one run go out with one write, after
 // its last tail answers. A run is at most maxPipelined tails whose storage
 // work was ordered together, so a reply waits at most for the fsyncs of
 // the frames ordered with it, and the run ends with flush, if set.
