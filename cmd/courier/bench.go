@@ -50,6 +50,7 @@ func runBench(ctx context.Context, args []string) error {
 	fs.StringVar(&o.Server, "server", "", "base `URL` of the server under test (default: start a child courier serve)")
 	fs.StringVar(&o.Transport, "transport", "", "the child server's gateway `transport`: goroutine or epoll (default: its own default, or $COURIER_TRANSPORT)")
 	fs.IntVar(&o.ServerProcs, "server-procs", 0, "the child server's GOMAXPROCS: `cores` its Go code may use at once (default: the runtime's, every core or $GOMAXPROCS)")
+	fs.IntVar(&o.Pollers, "pollers", 0, "event `loops` for the bench's own connections (default: one per core; 1 leaves more of a small machine to the server)")
 	fs.DurationVar(&o.Duration, "duration", 0, "measured phase (default 10s; storm: longest wait for all back, default 60s)")
 	jsonOut := fs.Bool("json", false, "print one JSON object instead of a table")
 	fs.IntVar(&o.N, "n", 1000, "conns, storm: connections")

@@ -278,11 +278,13 @@ func TestTransportEpoll(t *testing.T) {
 
 // TestServerProcs runs pairs against a child server limited to one core
 // (Options.ServerProcs, `--server-procs`), and checks that the server
-// reports running with it.
+// reports running with it. The bench runs on one event loop
+// (Options.Pollers, `--pollers`), and reports it.
 func TestServerProcs(t *testing.T) {
 	t.Parallel()
 	o := childOptions(t)
 	o.ServerProcs = 1
+	o.Pollers = 1
 	o.Pairs, o.Inflight, o.Duration = 2, 2, time.Second
 	res := runOK(t, "pairs", o, 0)
 	if !strings.Contains(res.Server, "GOMAXPROCS=1 ") {
@@ -290,6 +292,9 @@ func TestServerProcs(t *testing.T) {
 	}
 	if res.ServerProcs == nil || *res.ServerProcs != 1 {
 		t.Errorf("server_procs %v, want 1", res.ServerProcs)
+	}
+	if res.BenchPollers == nil || *res.BenchPollers != 1 {
+		t.Errorf("bench_pollers %v, want 1", res.BenchPollers)
 	}
 	if *res.Delivered == 0 || *res.ReceiptsSeen != *res.Delivered {
 		t.Errorf("delivered %d, receipts %d", *res.Delivered, *res.ReceiptsSeen)
@@ -330,6 +335,9 @@ func TestBadOptions(t *testing.T) {
 	}
 	if _, err := Run(context.Background(), "pairs", Options{ServerCmd: []string{"false"}, ServerProcs: -1}); err == nil || !strings.Contains(err.Error(), "--server-procs") {
 		t.Errorf("--server-procs -1: %v", err)
+	}
+	if _, err := Run(context.Background(), "pairs", Options{ServerCmd: []string{"false"}, Pollers: -1}); err == nil || !strings.Contains(err.Error(), "--pollers") {
+		t.Errorf("--pollers -1: %v", err)
 	}
 	if _, err := Run(context.Background(), "disk", Options{Server: "http://127.0.0.1:1"}); err == nil || !strings.Contains(err.Error(), "--server") {
 		t.Errorf("disk with --server: %v", err)

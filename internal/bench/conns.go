@@ -109,7 +109,7 @@ func RunWorker(ctx context.Context, in io.Reader, out io.Writer) error {
 	if err := dec.Decode(&spec); err != nil {
 		return fmt.Errorf("conns-worker: reading the spec on stdin: %w", err)
 	}
-	eng, err := newEngine()
+	eng, err := newEngine(0)
 	if err != nil {
 		return err
 	}

@@ -84,6 +84,7 @@ type Result struct {
 	ServerGoroutinesPerConn   *float64         `json:"server_goroutines_per_conn,omitempty"`
 	BenchRSSBytesPerConn      *float64         `json:"bench_rss_bytes_per_conn,omitempty"`
 	BenchCPUSeconds           *float64         `json:"bench_cpu_seconds,omitempty"`
+	BenchPollers              *int64           `json:"bench_pollers,omitempty"` // the bench's own event loops (--pollers)
 	Counters                  map[string]int64 `json:"counters,omitempty"`
 	FirstError                string           `json:"first_error,omitempty"`
 }

@@ -34,6 +34,13 @@ type Options struct {
 	// Zero leaves the runtime's default (every core, or $GOMAXPROCS).
 	// Only for a child server.
 	ServerProcs int
+	// Pollers is how many event loops (nbio pollers) the bench's own
+	// connections use; 0 means one per core. Each loop blocks in
+	// epoll_wait in a system call, so on a small machine shared with the
+	// server fewer loops leave more of it to the server
+	// (docs/performance.md, "A lighter bench"). Not for conns' worker
+	// processes, which keep one per core.
+	Pollers int
 	// WorkerCmd runs the courier binary for conns worker processes;
 	// "bench conns-worker" is appended. WorkerEnv is added to their
 	// environment.
@@ -148,6 +155,9 @@ func Run(ctx context.Context, scenario string, o Options) (*Result, error) {
 	if o.Via != ViaGroup && o.Via != ViaDirect {
 		return nil, fmt.Errorf("--via %q: want %s or %s", o.Via, ViaGroup, ViaDirect)
 	}
+	if o.Pollers < 0 {
+		return nil, fmt.Errorf("--pollers %d: want a positive number of event loops, or 0 for one per core", o.Pollers)
+	}
 	if o.ServerProcs < 0 {
 		return nil, fmt.Errorf("--server-procs %d: want a positive number of cores, or 0 for the runtime's default", o.ServerProcs)
 	}
@@ -192,7 +202,7 @@ func Run(ctx context.Context, scenario string, o Options) (*Result, error) {
 		return nil, err
 	}
 	defer t.close()
-	eng, err := newEngine()
+	eng, err := newEngine(o.Pollers)
 	if err != nil {
 		return nil, err
 	}
@@ -210,6 +220,7 @@ func Run(ctx context.Context, scenario string, o Options) (*Result, error) {
 		if res.BenchCPUSeconds == nil && cpu0 >= 0 {
 			res.BenchCPUSeconds = f64(selfCPU() - cpu0) // the bench process's own CPU, for comparison
 		}
+		res.BenchPollers = i64(int64(eng.pollers))
 	}
 	return res, err
 }

@@ -37,21 +37,26 @@ import (
 
 // wsEngine is the process's event loop for bench connections.
 type wsEngine struct {
-	nb *nbio.Engine
+	nb      *nbio.Engine
+	pollers int
 }
 
 // quietNbio sends nbio's own log lines to stderr, errors only: the
 // bench's stdout carries its result (--json) and nothing else.
 var quietNbio sync.Once
 
-func newEngine() (*wsEngine, error) {
+// newEngine starts an engine with pollers event loops (0: one per core).
+func newEngine(pollers int) (*wsEngine, error) {
+	if pollers <= 0 {
+		pollers = max(1, runtime.NumCPU())
+	}
 	quietNbio.Do(func() {
 		logging.Output = os.Stderr
 		logging.SetLevel(logging.LevelError)
 	})
-	e := &wsEngine{nb: nbio.NewEngine(nbio.Config{
+	e := &wsEngine{pollers: pollers, nb: nbio.NewEngine(nbio.Config{
 		Name:    "bench",
-		NPoller: max(1, runtime.NumCPU()),
+		NPoller: pollers,
 	})}
 	e.nb.OnData(func(nc *nbio.Conn, data []byte) {
 		if c, ok := nc.Session().(*client); ok {
