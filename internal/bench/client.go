@@ -151,6 +151,15 @@ var framePoolPB = sync.Pool{New: func() any { return new(pb.ServerFrame) }}
 
 // onMessageLocked handles one ServerFrame.
 func (c *client) onMessageLocked(msg []byte) {
+	var ff fastFrame
+	if decodeFast(msg, &ff) {
+		if ff.body == frameDeliverField {
+			c.deliveryLocked(&ff.deliver)
+		} else {
+			c.acceptedLocked(ff.id)
+		}
+		return
+	}
 	f := framePoolPB.Get().(*pb.ServerFrame)
 	defer func() { f.Reset(); framePoolPB.Put(f) }()
 	if err := proto.Unmarshal(msg, f); err != nil {
@@ -165,10 +174,7 @@ func (c *client) onMessageLocked(msg []byte) {
 	case *pb.ServerFrame_Deliver:
 		c.deliverLocked(b.Deliver)
 	case *pb.ServerFrame_Accepted:
-		if c.snd != nil && f.Id > 0 && f.Id < otherIDs {
-			c.snd.accepted(&c.r.ledger, uint32(f.Id-1))
-			c.credits++
-		}
+		c.acceptedLocked(f.Id)
 	case *pb.ServerFrame_Refused:
 		c.r.count("refused_"+b.Refused.Code.String(), 1)
 		if c.snd != nil && f.Id > 0 && f.Id < otherIDs {
@@ -193,13 +199,26 @@ func (c *client) onMessageLocked(msg []byte) {
 	}
 }
 
+// acceptedLocked handles the Accepted frame answering the frame id.
+func (c *client) acceptedLocked(id uint64) {
+	if c.snd != nil && id > 0 && id < otherIDs {
+		c.snd.accepted(&c.r.ledger, uint32(id-1))
+		c.credits++
+	}
+}
+
 func (c *client) deliverLocked(d *pb.Deliver) {
-	e := d.GetEnvelope()
+	dv := deliveryOf(d)
+	c.deliveryLocked(&dv)
+}
+
+// deliveryLocked handles a delivered entry.
+func (c *client) deliveryLocked(d *delivery) {
 	hold := c.holdAcks.Load()
-	switch e.GetKind() {
+	switch d.kind {
 	case pb.EnvelopeKind_ENVELOPE_KIND_MESSAGE:
-		key, sent, ok := parsePayload(e.GetPayload())
-		if ok && e.GetGroup() != "" {
+		key, sent, ok := parsePayload(d.payload)
+		if ok && d.group {
 			// A group message: one payload for every member, whose key is
 			// the message number; this device's copy is that message of
 			// its own group stream.
@@ -223,8 +242,8 @@ func (c *client) deliverLocked(d *pb.Deliver) {
 			c.ackKeys = append(c.ackKeys, key)
 		}
 	case pb.EnvelopeKind_ENVELOPE_KIND_RECEIPT:
-		if e.GetReceipt().GetType() == pb.ReceiptType_RECEIPT_TYPE_DELIVERED {
-			c.r.receipts.Add(int64(len(e.GetReceipt().GetMessages())))
+		if d.receipt == pb.ReceiptType_RECEIPT_TYPE_DELIVERED {
+			c.r.receipts.Add(int64(d.receipts))
 		}
 	case pb.EnvelopeKind_ENVELOPE_KIND_GROUP_UPDATE:
 		// Not a message: counted apart, and acked like any entry so that
@@ -232,7 +251,7 @@ func (c *client) deliverLocked(d *pb.Deliver) {
 		c.r.groupUpdates.Add(1)
 	}
 	if !hold {
-		c.acks = append(c.acks, d.Seq)
+		c.acks = append(c.acks, d.seq)
 	}
 }
 
