@@ -80,9 +80,12 @@ const (
 // copies of both socket addresses, closures, a map entry), more than
 // courier's state, which no option of it would drop.
 type epoll struct {
-	g        *Gateway
-	pool     *workers // runs frame handling and pumps
-	loops    []*evLoop
+	g     *Gateway
+	pool  *workers // runs frame handling and pumps
+	loops []*evLoop
+	// flushers write the batches pipelines and pumps leave for them, one
+	// goroutine per core; a connection always goes to the same one
+	// (flush.go).
 	flushers []*flusher
 	// socks maps a socket descriptor to its connection, for the loops
 	// (epoll hands them the descriptor); nil where none is registered.
