@@ -13,7 +13,6 @@ require (
 	github.com/eclipse/paho.mqtt.golang v1.5.1
 	github.com/gobwas/ws v1.4.0
 	github.com/jackc/pgx/v5 v5.7.6
-	github.com/lesismal/nbio v1.6.12
 	github.com/nats-io/nats-server/v2 v2.14.9
 	github.com/nats-io/nats.go v1.55.0
 	github.com/nats-io/nuid v1.0.1

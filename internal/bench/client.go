@@ -7,7 +7,6 @@ import (
 	"sync/atomic"
 	"time"
 
-	"github.com/lesismal/nbio"
 	"google.golang.org/protobuf/proto"
 
 	pb "github.com/courier-im/courier/proto/courier/v1"
@@ -20,7 +19,7 @@ import (
 type client struct {
 	// Connection and parser state, under mu.
 	mu        sync.Mutex
-	nc        *nbio.Conn
+	nc        *wsConn
 	rbuf      []byte
 	frag      []byte
 	closing   bool
@@ -334,7 +333,7 @@ func (c *client) close() {
 }
 
 // onClosed runs on the event loop when a connection of c ends.
-func (c *client) onClosed(nc *nbio.Conn, err error) {
+func (c *client) onClosed(nc *wsConn, err error) {
 	c.mu.Lock()
 	if c.nc != nc {
 		c.mu.Unlock()
@@ -349,8 +348,8 @@ func (c *client) onClosed(nc *nbio.Conn, err error) {
 	if c.up.Swap(false) {
 		c.r.up.Add(-1)
 	}
-	if c.r.onClose != nil {
-		c.r.onClose(c, code, err)
+	if f := c.r.onClose.Load(); f != nil {
+		(*f)(c, code, err)
 	}
 }
 

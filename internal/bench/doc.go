@@ -5,7 +5,8 @@
 //
 // The load generator is deliberately light, so that the server, not the
 // bench, is what gets measured: connections are non-blocking sockets on
-// one nbio event loop (no goroutine and no buffers per idle connection),
+// a few event loops of its own (loop.go: no goroutine and no buffers per
+// idle connection, loops parked on Go's poller rather than blocking),
 // spread over many 127.0.0.x source addresses and, past one process's file
 // limit, over worker processes (RunWorker). By default the server under
 // test is a child `courier serve` process on embedded defaults in a

@@ -49,7 +49,9 @@ type run struct {
 
 	confirmAcks bool
 	onSynced    func(c *client)
-	onClose     func(c *client, code int, err error)
+	// onClose, if set, is called when a connection ends, on its loop;
+	// set and cleared while connections are live, hence atomic.
+	onClose atomic.Pointer[func(c *client, code int, err error)]
 
 	mu       sync.Mutex
 	counters map[string]int64
@@ -194,7 +196,7 @@ func waitFor(ctx context.Context, timeout time.Duration, cond func() bool) bool 
 // closeAll closes every client's connection and waits (briefly) for the
 // close callbacks.
 func (r *run) closeAll(clients []*client) {
-	r.onClose = nil
+	r.onClose.Store(nil)
 	for _, c := range clients {
 		c.close()
 	}

@@ -34,11 +34,8 @@ type Options struct {
 	// Zero leaves the runtime's default (every core, or $GOMAXPROCS).
 	// Only for a child server.
 	ServerProcs int
-	// Pollers is how many event loops (nbio pollers) the bench's own
-	// connections use; 0 means one per core. Each loop blocks in
-	// epoll_wait in a system call, so on a small machine shared with the
-	// server fewer loops leave more of it to the server
-	// (docs/performance.md, "A lighter bench"). Not for conns' worker
+	// Pollers is how many event loops (loop.go) the bench's own
+	// connections use; 0 means one per core. Not for conns' worker
 	// processes, which keep one per core.
 	Pollers int
 	// WorkerCmd runs the courier binary for conns worker processes;

@@ -108,11 +108,12 @@ func runStorm(ctx context.Context, e *env) (*Result, error) {
 		a := int(c.attempt.Add(1) - 1)
 		time.AfterFunc(sdkBackoff.delay(a, hint), func() { queue <- c })
 	}
-	r.onClose = func(c *client, code int, err error) {
+	onClose := func(c *client, code int, err error) {
 		if storming.Load() && c.snd == nil {
 			schedule(c, time.Duration(c.hintMs.Swap(0))*time.Millisecond)
 		}
 	}
+	r.onClose.Store(&onClose)
 	dialCtx, stopDial := context.WithCancel(ctx)
 	defer stopDial()
 	for range o.DialConcurrency {

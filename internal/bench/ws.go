@@ -12,7 +12,6 @@ import (
 	"math/rand/v2"
 	"net"
 	"net/http"
-	"os"
 	"runtime"
 	"strconv"
 	"strings"
@@ -20,61 +19,88 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/lesismal/nbio"
-	"github.com/lesismal/nbio/logging"
+	"golang.org/x/sys/unix"
 )
 
 // The bench's WebSocket client is event-driven: every connection is a
-// non-blocking socket registered with one nbio engine (a few epoll loops
-// for the whole process), and frames are parsed in the loop's callback. An
-// idle connection costs its socket, nbio's small Conn struct and our
-// client struct: no goroutine, no read or write buffer (a partial frame is
+// non-blocking socket registered with one of a few event loops for the
+// whole process (loop.go), and frames are parsed as the loop reads them. An
+// idle connection costs its socket, its small wsConn and its client
+// struct: no goroutine, no read or write buffer (a partial frame is
 // kept only while it is incomplete). The opening handshake is done
 // synchronously by a bounded pool of dialers, then the socket is handed to
 // the engine. Only the client side of RFC 6455 that courier needs is
 // implemented: masked binary frames out; binary, ping, pong and close
 // frames in, fragmented or not; no extensions.
 
-// wsEngine is the process's event loop for bench connections.
+// wsEngine is the process's event loops for bench connections (loop.go).
 type wsEngine struct {
-	nb      *nbio.Engine
+	loops   []*evloop
 	pollers int
+	wg      sync.WaitGroup
 }
-
-// quietNbio sends nbio's own log lines to stderr, errors only: the
-// bench's stdout carries its result (--json) and nothing else.
-var quietNbio sync.Once
 
 // newEngine starts an engine with pollers event loops (0: one per core).
 func newEngine(pollers int) (*wsEngine, error) {
 	if pollers <= 0 {
 		pollers = max(1, runtime.NumCPU())
 	}
-	quietNbio.Do(func() {
-		logging.Output = os.Stderr
-		logging.SetLevel(logging.LevelError)
-	})
-	e := &wsEngine{pollers: pollers, nb: nbio.NewEngine(nbio.Config{
-		Name:    "bench",
-		NPoller: pollers,
-	})}
-	e.nb.OnData(func(nc *nbio.Conn, data []byte) {
-		if c, ok := nc.Session().(*client); ok {
-			c.onData(data)
+	e := &wsEngine{pollers: pollers}
+	for range pollers {
+		l, err := newLoop(e)
+		if err != nil {
+			e.closeLoops()
+			return nil, fmt.Errorf("start event loop: %w", err)
 		}
-	})
-	e.nb.OnClose(func(nc *nbio.Conn, err error) {
-		if c, ok := nc.Session().(*client); ok {
-			c.onClosed(nc, err)
-		}
-	})
-	if err := e.nb.Start(); err != nil {
-		return nil, fmt.Errorf("start event loop: %w", err)
+		e.loops = append(e.loops, l)
+	}
+	for _, l := range e.loops {
+		e.wg.Add(1)
+		go func() {
+			defer e.wg.Done()
+			l.run()
+		}()
 	}
 	return e, nil
 }
 
-func (e *wsEngine) stop() { e.nb.Stop() }
+// add hands the socket of nc (nc itself is closed) to a loop, for c.
+func (e *wsEngine) add(nc net.Conn, c *client) (*wsConn, error) {
+	fd, err := dupSocket(nc)
+	if err != nil {
+		return nil, err
+	}
+	return e.loops[fd%len(e.loops)].add(fd, c)
+}
+
+// stop ends the loops, then the connections still open, each telling its
+// client.
+func (e *wsEngine) stop() {
+	one := []byte{1, 0, 0, 0, 0, 0, 0, 0}
+	for _, l := range e.loops {
+		_, _ = unix.Write(l.wake, one)
+	}
+	e.wg.Wait()
+	for _, l := range e.loops {
+		l.mu.Lock()
+		conns := make([]*wsConn, 0, len(l.conns))
+		for _, w := range l.conns {
+			conns = append(conns, w)
+		}
+		l.mu.Unlock()
+		for _, w := range conns {
+			w.end(net.ErrClosed)
+		}
+	}
+	e.closeLoops()
+}
+
+func (e *wsEngine) closeLoops() {
+	for _, l := range e.loops {
+		_ = l.file.Close() // and epfd with it
+		unix.Close(l.wake)
+	}
+}
 
 // dialError is a failed connection attempt, classified for the reports.
 type dialError struct {
@@ -113,21 +139,17 @@ func (e *wsEngine) dial(c *client, hostport string, src net.IP, auth string, tim
 		conn.Close()
 		return err
 	}
-	nc, err := nbio.NBConn(conn) // dups the socket and closes conn
+	// The client is locked before its socket is on a loop: the loop's
+	// reads wait for the leftover bytes to be parsed first.
+	c.mu.Lock()
+	nc, err := e.add(conn, c) // a duplicate of the socket; conn is closed
 	if err != nil {
+		c.mu.Unlock()
 		return &dialError{kind: "other", err: err}
 	}
-	c.mu.Lock()
 	c.nc = nc
 	c.rbuf = nil
 	c.frag = nil
-	nc.SetSession(c)
-	if _, err := e.nb.AddConn(nc); err != nil {
-		c.nc = nil
-		c.mu.Unlock()
-		nc.Close()
-		return &dialError{kind: "other", err: err}
-	}
 	c.held = true
 	if len(leftover) > 0 {
 		c.parseLocked(leftover)
@@ -347,8 +369,8 @@ func (c *client) frameLocked(data []byte) (int, error) {
 // framePool holds encode buffers for outgoing frames.
 var framePool = sync.Pool{New: func() any { b := make([]byte, 0, 512); return &b }}
 
-// writeFrame sends one masked frame. nbio's Write never blocks: what the
-// socket cannot take now is queued by the engine.
+// writeFrame sends one masked frame. wsConn.Write never blocks: what the
+// socket cannot take now waits for its loop.
 func (c *client) writeFrame(op byte, payload []byte) error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
