@@ -4,25 +4,21 @@ import (
 	"errors"
 	"fmt"
 	"net"
-	"os"
 	"sync"
 	"syscall"
-	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/courier-im/courier/internal/evloop"
 )
 
 // The bench's event loops: a few epoll instances for all of a process's
 // connections, each with one goroutine that reads the ready sockets and
-// hands what it read to the connection's client.
-//
-// A loop's goroutine does not block in epoll_wait(2). Like the server's
-// loops (internal/gateway/epoll.go), it hands the epoll descriptor to Go's
-// network poller and parks there while nothing is ready, taking the
-// events with a zero timeout when woken. A goroutine blocked in a system
-// call holds its thread and, under load, the runtime's monitor keeps
-// taking its P away every 20 µs: with nbio's loops, which blocked, that
-// was 13 % of the bench's CPU in the closed loop, taken from the cores the
+// hands what it read to the connection's client. The goroutine parks on
+// Go's poller while nothing is ready (internal/evloop), like the
+// gateway's: nbio's loops, used before, blocked in epoll_wait in a system
+// call, and under load the runtime's monitor then spent 13 % of the
+// bench's CPU in the closed loop taking their Ps back, on the cores the
 // server under test shares (docs/performance.md, "A lighter bench").
 //
 // Only a socket's loop closes its descriptor. Anyone else shuts the socket
@@ -34,13 +30,9 @@ import (
 const loopReadBuffer = 64 << 10
 
 // evloop is one event loop.
-type evloop struct {
-	e    *wsEngine
-	epfd int
-	wake int      // eventfd that ends the loop
-	file *os.File // owns epfd; on Go's poller when rc is set
-	rc   syscall.RawConn
-	buf  []byte
+type loop struct {
+	*evloop.Poller
+	buf []byte
 
 	mu    sync.Mutex
 	conns map[int32]*wsConn // by descriptor
@@ -48,7 +40,7 @@ type evloop struct {
 
 // wsConn is one of the bench's sockets, registered with a loop.
 type wsConn struct {
-	l  *evloop
+	l  *loop
 	fd int32
 
 	mu      sync.Mutex
@@ -57,85 +49,30 @@ type wsConn struct {
 	session *client
 }
 
-func newLoop(e *wsEngine) (*evloop, error) {
-	epfd, err := unix.EpollCreate1(unix.EPOLL_CLOEXEC)
+func newLoop() (*loop, error) {
+	p, err := evloop.New()
 	if err != nil {
-		return nil, fmt.Errorf("event loop: epoll_create1: %w", err)
+		return nil, err
 	}
-	wake, err := unix.Eventfd(0, unix.EFD_NONBLOCK|unix.EFD_CLOEXEC)
-	if err != nil {
-		unix.Close(epfd)
-		return nil, fmt.Errorf("event loop: eventfd: %w", err)
-	}
-	if err := unix.EpollCtl(epfd, unix.EPOLL_CTL_ADD, wake, &unix.EpollEvent{Events: unix.EPOLLIN, Fd: int32(wake)}); err != nil {
-		unix.Close(epfd)
-		unix.Close(wake)
-		return nil, fmt.Errorf("event loop: epoll_ctl: %w", err)
-	}
-	if err := unix.SetNonblock(epfd, true); err != nil {
-		unix.Close(epfd)
-		unix.Close(wake)
-		return nil, fmt.Errorf("event loop: %w", err)
-	}
-	l := &evloop{e: e, epfd: epfd, wake: wake, buf: make([]byte, loopReadBuffer), conns: map[int32]*wsConn{}}
-	l.file = os.NewFile(uintptr(epfd), "epoll")
-	if l.file.SetReadDeadline(time.Time{}) == nil {
-		if rc, err := l.file.SyscallConn(); err == nil {
-			l.rc = rc
-		}
-	}
-	return l, nil
+	return &loop{Poller: p, buf: make([]byte, loopReadBuffer), conns: map[int32]*wsConn{}}, nil
 }
 
-// run takes the loop's events until stop.
-func (l *evloop) run() {
-	events := make([]unix.EpollEvent, 256)
-	poll := func(timeout int) (found, end bool) {
-		n, err := unix.EpollWait(l.epfd, events, timeout)
-		if err != nil {
-			if errors.Is(err, unix.EINTR) {
-				return false, false
-			}
-			return false, true
-		}
-		for i := range n {
-			ev := &events[i]
-			if int(ev.Fd) == l.wake {
-				return true, true
-			}
-			l.mu.Lock()
-			c := l.conns[ev.Fd]
-			l.mu.Unlock()
-			if c == nil {
-				continue
-			}
-			if ev.Events&(unix.EPOLLOUT|unix.EPOLLERR|unix.EPOLLHUP) != 0 {
-				c.writable()
-			}
-			if ev.Events&(unix.EPOLLIN|unix.EPOLLRDHUP|unix.EPOLLERR|unix.EPOLLHUP) != 0 {
-				c.readable()
-			}
-		}
-		return n > 0, false
-	}
-	if l.rc == nil {
-		for {
-			if _, end := poll(-1); end {
-				return
-			}
-		}
-	}
-	end := false
-	for !end {
-		err := l.rc.Read(func(uintptr) bool {
-			found, stop := poll(0)
-			end = stop
-			return found || stop
-		})
-		if err != nil {
+// run takes the loop's events until stopped.
+func (l *loop) run() error {
+	return l.Run(func(ev *unix.EpollEvent) {
+		l.mu.Lock()
+		c := l.conns[ev.Fd]
+		l.mu.Unlock()
+		if c == nil {
 			return
 		}
-	}
+		if ev.Events&(unix.EPOLLOUT|unix.EPOLLERR|unix.EPOLLHUP) != 0 {
+			c.writable()
+		}
+		if ev.Events&(unix.EPOLLIN|unix.EPOLLRDHUP|unix.EPOLLERR|unix.EPOLLHUP) != 0 {
+			c.readable()
+		}
+	})
 }
 
 // dupSocket returns a non-blocking duplicate of the descriptor of nc's
@@ -166,12 +103,12 @@ func dupSocket(nc net.Conn) (int, error) {
 
 // add registers the socket fd for the client c, and returns its
 // connection; on failure it closes fd.
-func (l *evloop) add(fd int, c *client) (*wsConn, error) {
+func (l *loop) add(fd int, c *client) (*wsConn, error) {
 	w := &wsConn{l: l, fd: int32(fd), session: c}
 	l.mu.Lock()
 	l.conns[w.fd] = w
 	l.mu.Unlock()
-	if err := unix.EpollCtl(l.epfd, unix.EPOLL_CTL_ADD, fd, &unix.EpollEvent{Events: unix.EPOLLIN | unix.EPOLLRDHUP, Fd: w.fd}); err != nil {
+	if err := unix.EpollCtl(l.FD, unix.EPOLL_CTL_ADD, fd, &unix.EpollEvent{Events: unix.EPOLLIN | unix.EPOLLRDHUP, Fd: w.fd}); err != nil {
 		l.mu.Lock()
 		delete(l.conns, w.fd)
 		l.mu.Unlock()
@@ -223,7 +160,7 @@ func (w *wsConn) writable() {
 	}
 	if len(w.out) == 0 {
 		w.out = nil
-		_ = unix.EpollCtl(w.l.epfd, unix.EPOLL_CTL_MOD, int(w.fd), &unix.EpollEvent{Events: unix.EPOLLIN | unix.EPOLLRDHUP, Fd: w.fd})
+		_ = unix.EpollCtl(w.l.FD, unix.EPOLL_CTL_MOD, int(w.fd), &unix.EpollEvent{Events: unix.EPOLLIN | unix.EPOLLRDHUP, Fd: w.fd})
 	}
 }
 
@@ -265,7 +202,7 @@ func (w *wsConn) Write(b []byte) (int, error) {
 	}
 	if n < len(b) {
 		w.out = append(w.out, b[n:]...)
-		if err := unix.EpollCtl(w.l.epfd, unix.EPOLL_CTL_MOD, int(w.fd), &unix.EpollEvent{Events: unix.EPOLLIN | unix.EPOLLRDHUP | unix.EPOLLOUT, Fd: w.fd}); err != nil {
+		if err := unix.EpollCtl(w.l.FD, unix.EPOLL_CTL_MOD, int(w.fd), &unix.EpollEvent{Events: unix.EPOLLIN | unix.EPOLLRDHUP | unix.EPOLLOUT, Fd: w.fd}); err != nil {
 			_ = unix.Shutdown(int(w.fd), unix.SHUT_RDWR)
 			return n, err
 		}
@@ -294,7 +231,7 @@ func (w *wsConn) end(cause error) {
 	}
 	w.closed = true
 	w.out = nil
-	_ = unix.EpollCtl(w.l.epfd, unix.EPOLL_CTL_DEL, int(w.fd), nil)
+	_ = unix.EpollCtl(w.l.FD, unix.EPOLL_CTL_DEL, int(w.fd), nil)
 	w.l.mu.Lock()
 	delete(w.l.conns, w.fd)
 	w.l.mu.Unlock()

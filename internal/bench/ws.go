@@ -12,14 +12,13 @@ import (
 	"math/rand/v2"
 	"net"
 	"net/http"
+	"os"
 	"runtime"
 	"strconv"
 	"strings"
 	"sync"
 	"syscall"
 	"time"
-
-	"golang.org/x/sys/unix"
 )
 
 // The bench's WebSocket client is event-driven: every connection is a
@@ -35,7 +34,7 @@ import (
 
 // wsEngine is the process's event loops for bench connections (loop.go).
 type wsEngine struct {
-	loops   []*evloop
+	loops   []*loop
 	pollers int
 	wg      sync.WaitGroup
 }
@@ -47,7 +46,7 @@ func newEngine(pollers int) (*wsEngine, error) {
 	}
 	e := &wsEngine{pollers: pollers}
 	for range pollers {
-		l, err := newLoop(e)
+		l, err := newLoop()
 		if err != nil {
 			e.closeLoops()
 			return nil, fmt.Errorf("start event loop: %w", err)
@@ -58,7 +57,9 @@ func newEngine(pollers int) (*wsEngine, error) {
 		e.wg.Add(1)
 		go func() {
 			defer e.wg.Done()
-			l.run()
+			if err := l.run(); err != nil {
+				fmt.Fprintf(os.Stderr, "bench: event loop stopped: %v\n", err)
+			}
 		}()
 	}
 	return e, nil
@@ -76,9 +77,8 @@ func (e *wsEngine) add(nc net.Conn, c *client) (*wsConn, error) {
 // stop ends the loops, then the connections still open, each telling its
 // client.
 func (e *wsEngine) stop() {
-	one := []byte{1, 0, 0, 0, 0, 0, 0, 0}
 	for _, l := range e.loops {
-		_, _ = unix.Write(l.wake, one)
+		l.Stop()
 	}
 	e.wg.Wait()
 	for _, l := range e.loops {
@@ -97,8 +97,7 @@ func (e *wsEngine) stop() {
 
 func (e *wsEngine) closeLoops() {
 	for _, l := range e.loops {
-		_ = l.file.Close() // and epfd with it
-		unix.Close(l.wake)
+		l.Close()
 	}
 }
 

@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"net"
 	"net/http"
-	"os"
 	"runtime"
 	"strings"
 	"sync"
@@ -19,6 +18,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/courier-im/courier/internal/delivery"
+	"github.com/courier-im/courier/internal/evloop"
 	"github.com/courier-im/courier/internal/ident"
 	pb "github.com/courier-im/courier/proto/courier/v1"
 )
@@ -103,26 +103,11 @@ type epoll struct {
 }
 
 // evLoop is one event loop: an epoll instance, the goroutine waiting on
-// it, and the buffer it reads into.
-//
-// The loop's goroutine does not block in epoll_wait(2). The epoll
-// descriptor is itself pollable (readable while it has events), so it is
-// handed to Go's network poller (os.NewFile on the non-blocking
-// descriptor), and the loop takes its events with a zero timeout and,
-// when there are none, parks on the poller as a net.Conn reader does. A
-// goroutine blocked in a system call holds its thread, and under load
-// the scheduler's monitor takes its P away and wakes another thread to
-// run the others (a futex wake-up each time, and the monitor polling
-// every 20 µs while it keeps finding such calls); a parked goroutine
-// costs nothing, and the runtime collects the readiness with its own
-// polls. If the poller does not take the descriptor, the loop blocks in
-// epoll_wait instead.
+// it (parked on Go's poller: internal/evloop), and the buffer it reads
+// into.
 type evLoop struct {
-	epfd int
-	wake int             // eventfd that ends the loop
-	file *os.File        // owns epfd
-	rc   syscall.RawConn // epfd on Go's poller; nil: the loop blocks in epoll_wait
-	buf  []byte
+	*evloop.Poller
+	buf []byte
 }
 
 // sockTable maps socket descriptors to connections: chunks of
@@ -289,36 +274,11 @@ func newEpoll(g *Gateway) (*epoll, error) {
 }
 
 func newEvLoop() (*evLoop, error) {
-	epfd, err := unix.EpollCreate1(unix.EPOLL_CLOEXEC)
+	p, err := evloop.New()
 	if err != nil {
-		return nil, fmt.Errorf("epoll transport: epoll_create1: %w", err)
-	}
-	wake, err := unix.Eventfd(0, unix.EFD_NONBLOCK|unix.EFD_CLOEXEC)
-	if err != nil {
-		unix.Close(epfd)
-		return nil, fmt.Errorf("epoll transport: eventfd: %w", err)
-	}
-	if err := unix.EpollCtl(epfd, unix.EPOLL_CTL_ADD, wake, &unix.EpollEvent{Events: unix.EPOLLIN, Fd: int32(wake)}); err != nil {
-		unix.Close(epfd)
-		unix.Close(wake)
-		return nil, fmt.Errorf("epoll transport: epoll_ctl: %w", err)
-	}
-	l := &evLoop{epfd: epfd, wake: wake, buf: make([]byte, evReadBuffer)}
-	if err := unix.SetNonblock(epfd, true); err != nil {
-		unix.Close(epfd)
-		unix.Close(wake)
 		return nil, fmt.Errorf("epoll transport: %w", err)
 	}
-	// The file owns epfd from here on. Only a descriptor the poller took
-	// supports deadlines; on one it did not, the loop blocks in
-	// epoll_wait (its timeout, not O_NONBLOCK, decides how long).
-	l.file = os.NewFile(uintptr(epfd), "epoll")
-	if l.file.SetReadDeadline(time.Time{}) == nil {
-		if rc, err := l.file.SyscallConn(); err == nil {
-			l.rc = rc
-		}
-	}
-	return l, nil
+	return &evLoop{Poller: p, buf: make([]byte, evReadBuffer)}, nil
 }
 
 // loopOf returns the loop of socket fd.
@@ -328,59 +288,22 @@ func (e *epoll) loopOf(fd int32) *evLoop { return e.loops[int(fd)%len(e.loops)] 
 // for writable ones, until stopped.
 func (e *epoll) run(l *evLoop) {
 	defer e.wg.Done()
-	events := make([]unix.EpollEvent, 256)
-	// poll takes the events waiting, up to len(events), waiting at most
-	// timeout ms (-1: for ever), and handles them. It reports whether it
-	// found any, and whether the loop must end.
-	poll := func(timeout int) (found, end bool) {
-		n, err := unix.EpollWait(l.epfd, events, timeout)
-		if err != nil {
-			if errors.Is(err, unix.EINTR) {
-				return false, false
-			}
-			e.g.log.Error("epoll transport: epoll_wait; the loop stops", "err", err)
-			return false, true
-		}
-		for i := range n {
-			ev := &events[i]
-			if int(ev.Fd) == l.wake {
-				return true, true
-			}
-			c := e.socks.get(ev.Fd)
-			if c == nil {
-				continue
-			}
-			// An event may be for an earlier socket that had the same
-			// number: reads and writes tell, never the event alone.
-			if ev.Events&(unix.EPOLLOUT|unix.EPOLLERR|unix.EPOLLHUP) != 0 {
-				c.evWritable()
-			}
-			if ev.Events&(unix.EPOLLIN|unix.EPOLLRDHUP|unix.EPOLLERR|unix.EPOLLHUP) != 0 {
-				c.evReadable(l.buf, ev.Events&(unix.EPOLLERR|unix.EPOLLHUP) != 0)
-			}
-		}
-		return n > 0, false
-	}
-	if l.rc == nil {
-		for {
-			if _, end := poll(-1); end {
-				return
-			}
-		}
-	}
-	end := false
-	for !end {
-		// Read calls the function until it reports done, parking on the
-		// poller until the descriptor is readable whenever it does not.
-		err := l.rc.Read(func(uintptr) bool {
-			found, stop := poll(0)
-			end = stop
-			return found || stop
-		})
-		if err != nil {
-			e.g.log.Error("epoll transport: waiting for events; the loop stops", "err", err)
+	err := l.Run(func(ev *unix.EpollEvent) {
+		c := e.socks.get(ev.Fd)
+		if c == nil {
 			return
 		}
+		// An event may be for an earlier socket that had the same
+		// number: reads and writes tell, never the event alone.
+		if ev.Events&(unix.EPOLLOUT|unix.EPOLLERR|unix.EPOLLHUP) != 0 {
+			c.evWritable()
+		}
+		if ev.Events&(unix.EPOLLIN|unix.EPOLLRDHUP|unix.EPOLLERR|unix.EPOLLHUP) != 0 {
+			c.evReadable(l.buf, ev.Events&(unix.EPOLLERR|unix.EPOLLHUP) != 0)
+		}
+	})
+	if err != nil {
+		e.g.log.Error("epoll transport: waiting for events; the loop stops", "err", err)
 	}
 }
 
@@ -442,9 +365,8 @@ func (e *epoll) shutdown(wait time.Duration) bool {
 	stopped := true
 	e.stopOnce.Do(func() {
 		close(e.stop)
-		one := []byte{1, 0, 0, 0, 0, 0, 0, 0}
 		for _, l := range e.loops {
-			_, _ = unix.Write(l.wake, one)
+			l.Stop()
 		}
 		done := make(chan struct{})
 		go func() { e.wg.Wait(); close(done) }()
@@ -461,8 +383,7 @@ func (e *epoll) shutdown(wait time.Duration) bool {
 
 func (e *epoll) closeLoops() {
 	for _, l := range e.loops {
-		_ = l.file.Close() // and epfd with it
-		unix.Close(l.wake)
+		l.Close()
 	}
 }
 
@@ -540,7 +461,7 @@ func (e *epoll) accept(w http.ResponseWriter, r *http.Request, dev ident.Device,
 	e.socks.set(fd, c)
 	c.ev.wmu.Lock()
 	c.ev.events = c.evWantLocked()
-	err = unix.EpollCtl(l.epfd, unix.EPOLL_CTL_ADD, int(fd), &unix.EpollEvent{Events: c.ev.events, Fd: fd})
+	err = unix.EpollCtl(l.FD, unix.EPOLL_CTL_ADD, int(fd), &unix.EpollEvent{Events: c.ev.events, Fd: fd})
 	c.ev.wmu.Unlock()
 	if err != nil {
 		e.socks.set(fd, nil)
@@ -607,7 +528,7 @@ func (c *conn) evInterestLocked() {
 	if want == s.events || s.fd < 0 || !s.has(evReady) {
 		return
 	}
-	if err := unix.EpollCtl(c.g.ep.loopOf(s.fd).epfd, unix.EPOLL_CTL_MOD, int(s.fd), &unix.EpollEvent{Events: want, Fd: s.fd}); err != nil {
+	if err := unix.EpollCtl(c.g.ep.loopOf(s.fd).FD, unix.EPOLL_CTL_MOD, int(s.fd), &unix.EpollEvent{Events: want, Fd: s.fd}); err != nil {
 		c.logger().Error("epoll transport: epoll_ctl mod", "err", err)
 		return
 	}
@@ -659,7 +580,7 @@ func (c *conn) evCloseSocket(cause error) {
 		s.wmu.Unlock()
 		return
 	}
-	_ = unix.EpollCtl(e.loopOf(fd).epfd, unix.EPOLL_CTL_DEL, int(fd), nil)
+	_ = unix.EpollCtl(e.loopOf(fd).FD, unix.EPOLL_CTL_DEL, int(fd), nil)
 	e.socks.set(fd, nil)
 	unix.Close(int(fd))
 	s.fd = -1
