@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"net"
 	"sync"
-	"syscall"
 
 	"golang.org/x/sys/unix"
 
@@ -29,7 +28,7 @@ import (
 // loopReadBuffer is the size of each loop's read buffer.
 const loopReadBuffer = 64 << 10
 
-// evloop is one event loop.
+// loop is one event loop.
 type loop struct {
 	*evloop.Poller
 	buf []byte
@@ -73,32 +72,6 @@ func (l *loop) run() error {
 			c.readable()
 		}
 	})
-}
-
-// dupSocket returns a non-blocking duplicate of the descriptor of nc's
-// socket, and closes nc.
-func dupSocket(nc net.Conn) (int, error) {
-	defer nc.Close()
-	sc, ok := nc.(syscall.Conn)
-	if !ok {
-		return -1, fmt.Errorf("%T has no descriptor", nc)
-	}
-	rc, err := sc.SyscallConn()
-	if err != nil {
-		return -1, err
-	}
-	fd := -1
-	if cerr := rc.Control(func(s uintptr) { fd, err = unix.FcntlInt(s, unix.F_DUPFD_CLOEXEC, 0) }); cerr != nil {
-		return -1, cerr
-	}
-	if err != nil {
-		return -1, err
-	}
-	if err := unix.SetNonblock(fd, true); err != nil {
-		unix.Close(fd)
-		return -1, err
-	}
-	return fd, nil
 }
 
 // add registers the socket fd for the client c, and returns its

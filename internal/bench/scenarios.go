@@ -217,7 +217,7 @@ func Run(ctx context.Context, scenario string, o Options) (*Result, error) {
 		if res.BenchCPUSeconds == nil && cpu0 >= 0 {
 			res.BenchCPUSeconds = f64(selfCPU() - cpu0) // the bench process's own CPU, for comparison
 		}
-		res.BenchPollers = i64(int64(eng.pollers))
+		res.BenchPollers = i64(int64(len(eng.loops)))
 	}
 	return res, err
 }

@@ -19,6 +19,8 @@ import (
 	"sync"
 	"syscall"
 	"time"
+
+	"github.com/courier-im/courier/internal/evloop"
 )
 
 // The bench's WebSocket client is event-driven: every connection is a
@@ -34,9 +36,8 @@ import (
 
 // wsEngine is the process's event loops for bench connections (loop.go).
 type wsEngine struct {
-	loops   []*loop
-	pollers int
-	wg      sync.WaitGroup
+	loops []*loop
+	wg    sync.WaitGroup
 }
 
 // newEngine starts an engine with pollers event loops (0: one per core).
@@ -44,7 +45,7 @@ func newEngine(pollers int) (*wsEngine, error) {
 	if pollers <= 0 {
 		pollers = max(1, runtime.NumCPU())
 	}
-	e := &wsEngine{pollers: pollers}
+	e := &wsEngine{}
 	for range pollers {
 		l, err := newLoop()
 		if err != nil {
@@ -67,7 +68,8 @@ func newEngine(pollers int) (*wsEngine, error) {
 
 // add hands the socket of nc (nc itself is closed) to a loop, for c.
 func (e *wsEngine) add(nc net.Conn, c *client) (*wsConn, error) {
-	fd, err := dupSocket(nc)
+	fd, err := evloop.DupSocket(nc)
+	nc.Close()
 	if err != nil {
 		return nil, err
 	}

@@ -19,6 +19,7 @@ package evloop
 import (
 	"errors"
 	"fmt"
+	"net"
 	"os"
 	"syscall"
 	"time"
@@ -128,4 +129,33 @@ func (p *Poller) Stop() {
 func (p *Poller) Close() {
 	_ = p.file.Close() // and FD with it
 	unix.Close(p.wake)
+}
+
+// DupSocket returns a duplicate of the descriptor of a TCP connection's
+// socket, in non-blocking mode and closed on exec, for a loop to take
+// over; nc stays the caller's to close.
+func DupSocket(nc net.Conn) (int, error) {
+	sc, ok := nc.(syscall.Conn)
+	if !ok {
+		return -1, errors.New("not a socket")
+	}
+	rc, err := sc.SyscallConn()
+	if err != nil {
+		return -1, err
+	}
+	fd := -1
+	var derr error
+	if err := rc.Control(func(s uintptr) {
+		fd, derr = unix.FcntlInt(s, unix.F_DUPFD_CLOEXEC, 0)
+	}); err != nil {
+		return -1, err
+	}
+	if derr != nil {
+		return -1, derr
+	}
+	if err := unix.SetNonblock(fd, true); err != nil {
+		unix.Close(fd)
+		return -1, err
+	}
+	return fd, nil
 }

@@ -1,6 +1,7 @@
 package evloop
 
 import (
+	"net"
 	"testing"
 	"time"
 
@@ -69,5 +70,46 @@ func TestRunAndStop(t *testing.T) {
 	q.Stop()
 	if err := q.Run(func(*unix.EpollEvent) { t.Error("an event with nothing registered") }); err != nil {
 		t.Errorf("Run after Stop: %v", err)
+	}
+}
+
+// TestDupSocket takes a TCP connection's descriptor over, and refuses a
+// connection with none.
+func TestDupSocket(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	nc, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	peer, err := ln.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer peer.Close()
+	fd, err := DupSocket(nc)
+	nc.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(fd)
+	if fl, err := unix.FcntlInt(uintptr(fd), unix.F_GETFL, 0); err != nil || fl&unix.O_NONBLOCK == 0 {
+		t.Errorf("flags %#x, %v: not non-blocking", fl, err)
+	}
+	if _, err := unix.Write(fd, []byte("x")); err != nil {
+		t.Fatalf("write on the duplicate after the original closed: %v", err)
+	}
+	b := make([]byte, 1)
+	if _, err := peer.Read(b); err != nil || b[0] != 'x' {
+		t.Errorf("peer read %q, %v", b, err)
+	}
+	a, z := net.Pipe()
+	defer a.Close()
+	defer z.Close()
+	if _, err := DupSocket(a); err == nil {
+		t.Error("DupSocket took a net.Pipe")
 	}
 }

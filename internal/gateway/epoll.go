@@ -10,7 +10,6 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"time"
 
 	"github.com/coder/websocket"
@@ -405,7 +404,8 @@ func (e *epoll) accept(w http.ResponseWriter, r *http.Request, dev ident.Device,
 	if err != nil {
 		return fail(nc, "handshake_failed") // Upgrade has written the HTTP error
 	}
-	fd, err := takeSocket(nc)
+	dfd, err := evloop.DupSocket(nc)
+	fd := int32(dfd)
 	if err != nil || !e.socks.fits(fd) {
 		g.log.Error("epoll transport: cannot take the socket; closing it", "type", fmt.Sprintf("%T", nc), "err", err)
 		if err == nil {
@@ -475,34 +475,6 @@ func (e *epoll) accept(w http.ResponseWriter, r *http.Request, dev ident.Device,
 	}
 	c.poke() // pending entries first
 	return true
-}
-
-// takeSocket returns a duplicate of the descriptor of a TCP connection's
-// socket, in non-blocking mode and closed on exec.
-func takeSocket(nc net.Conn) (int32, error) {
-	sc, ok := nc.(syscall.Conn)
-	if !ok {
-		return -1, errors.New("not a socket")
-	}
-	rc, err := sc.SyscallConn()
-	if err != nil {
-		return -1, err
-	}
-	fd := -1
-	var derr error
-	if err := rc.Control(func(s uintptr) {
-		fd, derr = unix.FcntlInt(s, unix.F_DUPFD_CLOEXEC, 0)
-	}); err != nil {
-		return -1, err
-	}
-	if derr != nil {
-		return -1, derr
-	}
-	if err := unix.SetNonblock(fd, true); err != nil {
-		unix.Close(fd)
-		return -1, err
-	}
-	return int32(fd), nil
 }
 
 // evWantLocked returns the epoll interest the connection needs now.
