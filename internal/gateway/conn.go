@@ -546,6 +546,9 @@ func (c *conn) handleAck(id uint64, a *pb.Ack) {
 	if len(c.inflight) == 0 {
 		c.inflight = nil
 	}
+	// The pump waits for this ack only if it stopped on a full window
+	// (windowStillFull); the goroutine transport's writer is always woken.
+	poke := c.gr != nil || (len(acked) > 0 && c.ev.take(evWindowFull))
 	c.mu.Unlock()
 	// Ordered here (the receipts of successive acks keep their order),
 	// finished by the pipeline, like a send, so that replies to sends and
@@ -564,7 +567,9 @@ func (c *conn) handleAck(id uint64, a *pb.Ack) {
 		if err == nil {
 			err = p.Wait(ctx)
 		}
-		c.poke()
+		if poke {
+			c.poke()
+		}
 		if err != nil {
 			// The entries stay in the mailbox and come again on the next
 			// connection.

@@ -187,7 +187,7 @@ type epollState struct {
 
 	// pump: 0 idle, 1 running, 2 running and poked again.
 	pump   atomic.Int32
-	flags  atomic.Uint32 // evReady, evDiscard, evEnded, evBroken: each set once, never cleared; and evQueued
+	flags  atomic.Uint32 // evReady, evDiscard, evEnded, evBroken: each set once, never cleared; evQueued and evWindowFull
 	synced bool          // Synced has been sent (pump only)
 	linger bool          // shut down once out is written (wmu)
 	// paused: not read, its queue of messages is full (changed with wmu
@@ -202,6 +202,9 @@ const (
 	evEnded               // evEnd has run
 	evBroken              // the input cannot be parsed further: it is dropped
 	evQueued              // on its flusher's queue (flush.go); cleared when taken off
+	// evWindowFull: the pump stopped with the window full, so an ack
+	// must poke it (set and taken with mu held; see stopPump).
+	evWindowFull
 )
 
 // has reports whether flag f is set.
@@ -210,8 +213,12 @@ func (s *epollState) has(f uint32) bool { return s.flags.Load()&f != 0 }
 // set sets flag f and reports whether it was set already.
 func (s *epollState) set(f uint32) (was bool) { return s.flags.Or(f)&f != 0 }
 
-// clear clears flag f (evQueued only: the others are never cleared).
+// clear clears flag f (evQueued and evWindowFull only: the others are
+// never cleared).
 func (s *epollState) clear(f uint32) { s.flags.And(^f) }
+
+// take clears flag f and reports whether it was set.
+func (s *epollState) take(f uint32) bool { return s.flags.And(^f)&f != 0 }
 
 const (
 	// evReadBuffer is the size of each loop's read buffer.
@@ -883,6 +890,24 @@ func (c *conn) pump() {
 	}
 }
 
+// windowStillFull is called by a pump that found the window full: it
+// reports whether it still is, and if so marks it, so that the next ack
+// pokes the pump. Marked and checked under mu, as acks take the mark
+// (takeWindowFull) where they remove entries from the window: an ack
+// either made room before this look, or finds the mark after it, so the
+// pump never stops on a window an ack has emptied unseen. An ack that
+// finds no mark pokes nothing: every entry waiting then comes with a
+// poke of its own (the append that stored it).
+func (c *conn) windowStillFull() bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if len(c.inflight) < c.g.cfg.Window {
+		return false
+	}
+	c.ev.set(evWindowFull)
+	return true
+}
+
 // sendPending sends what the window allows of the entries handed over
 // by their appends (handoff.go) and of the mailbox past lastSent, and
 // Synced once the pending entries are out. It returns false if the
@@ -914,8 +939,12 @@ func (c *conn) sendPending() bool {
 		}
 		room -= len(handed)
 		c.hand.done()
+		if room <= 0 && !c.windowStillFull() {
+			continue // acks made room meanwhile
+		}
 		if !read || room <= 0 {
-			// Caught up, or the window is full (acks poke the pump).
+			// Caught up, or the window is full (an ack then pokes the
+			// pump).
 			return c.evFlushSoon()
 		}
 		want := min(room, readBatch)
