@@ -64,13 +64,19 @@ type commitReq struct {
 	}
 	items int
 	size  int
-	// published, if the request has one (only those whose caller waits
-	// for it do), is closed once the batch is published or has failed;
-	// pubErr is set before.
-	published chan struct{}
-	pubErr    error
+	// delHeld are the delete locks of a StartDeleteAppend, released once
+	// its batch is published (or fails), so that a later delete of the
+	// same device reads what this one left; delOne holds a single one
+	// without an allocation. removed is how many entries it deletes,
+	// uncounted from the store's depth once published.
+	delHeld []*lock
+	delOne  [1]*lock
+	removed int
 	// done is closed once the request is complete: durable if sync, else
-	// published; err is set before.
+	// published; err is set before. The caller that queued the request
+	// does not wait for it to be published: the locks it holds until
+	// then (append, delete) are the committer's to release, and its
+	// caller waits for done.
 	done chan struct{}
 	err  error
 }
@@ -84,14 +90,7 @@ func newCommitReq(b *pebbledb.Batch, sync bool) *commitReq {
 }
 
 func (r *commitReq) complete(s *Store, err error) {
-	if r.published != nil {
-		select {
-		case <-r.published:
-		default:
-			r.pubErr = err
-			close(r.published)
-		}
-	}
+	r.releaseDeleteLocks(s)
 	r.err = err
 	if r.isAppend {
 		r.releaseLocks(s)
@@ -116,6 +115,26 @@ func (r *commitReq) publishedAppend(s *Store) {
 	s.depth.Add(int64(r.items))
 	s.locks.releaseAll(r.held)
 	r.held = nil
+}
+
+// published runs on the committer once r's batch is published.
+func (r *commitReq) publish(s *Store) {
+	if r.isAppend {
+		r.publishedAppend(s)
+	}
+	if r.removed != 0 {
+		s.depth.Add(-int64(r.removed))
+		r.removed = 0
+	}
+	r.releaseDeleteLocks(s)
+}
+
+// releaseDeleteLocks releases the delete locks r still holds.
+func (r *commitReq) releaseDeleteLocks(s *Store) {
+	if r.delHeld != nil {
+		s.locks.releaseAll(r.delHeld)
+		r.delHeld = nil
+	}
 }
 
 // unfence lifts the append's read fences. The held locks are gone by
@@ -340,12 +359,7 @@ func (s *Store) commitGroup(group []*commitReq) {
 	}
 	for _, r := range group {
 		r.batch = nil
-		if r.isAppend {
-			r.publishedAppend(s)
-		}
-		if r.published != nil {
-			close(r.published)
-		}
+		r.publish(s)
 	}
 	if !sync {
 		b.Close()

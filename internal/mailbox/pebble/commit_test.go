@@ -213,3 +213,95 @@ func TestMinSyncInterval(t *testing.T) {
 		t.Fatalf("read %d entries, %v", len(got), err)
 	}
 }
+
+// StartAppend and StartDeleteAppend return once their batch is queued,
+// without waiting for the committer to publish it; Wait then waits for it.
+// A delete's device lock stays held until its batch is published, so a
+// second delete of the same entry, started meanwhile, waits, and then
+// finds nothing to remove (the entry's receipt is appended once); the
+// depth counts the entry out once.
+func TestStartReturnsBeforePublication(t *testing.T) {
+	s := mustOpen(t, "db", Options{FS: vfs.NewMem()})
+	defer s.Close()
+	// The receipt goes to carol: an append to bob holds bob's lock until
+	// it is published.
+	a, b, c := ident.Device{User: "alice", ID: 1}, ident.Device{User: "bob", ID: 1}, ident.Device{User: "carol", ID: 1}
+	res, err := s.Append(ctx, mailbox.Batch{Items: []mailbox.Item{item(a, "m")}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	seq := res.Seqs[0]
+
+	// Hold the committer.
+	started, release := make(chan struct{}), make(chan struct{})
+	held := make(chan error, 1)
+	go func() { held <- s.runCommit(func() error { close(started); <-release; return nil }) }()
+	<-started
+
+	p, err := s.StartAppend(ctx, mailbox.Batch{Items: []mailbox.Item{item(b, "queued")}})
+	if err != nil {
+		t.Fatalf("StartAppend behind a held committer: %v", err)
+	}
+	receipt := func([]mailbox.Entry) ([]mailbox.Item, error) {
+		return []mailbox.Item{item(c, "receipt")}, nil
+	}
+	removed, pd, err := s.StartDeleteAppend(ctx, mailbox.DeleteAppend{Device: a, Seqs: []uint64{seq}, Then: receipt})
+	if err != nil || len(removed) != 1 {
+		t.Fatalf("StartDeleteAppend behind a held committer: %v, %v", removed, err)
+	}
+	type second struct {
+		removed []mailbox.Entry
+		p       mailbox.Pending
+		err     error
+	}
+	again := make(chan second, 1)
+	go func() {
+		removed, p, err := s.StartDeleteAppend(ctx, mailbox.DeleteAppend{Device: a, Seqs: []uint64{seq}, Then: receipt})
+		again <- second{removed, p, err}
+	}()
+	select {
+	case r := <-again:
+		t.Fatalf("a second delete of the entry returned %v, %v before the first was published", r.removed, r.err)
+	case <-time.After(50 * time.Millisecond):
+	}
+	waited := make(chan error, 1)
+	go func() {
+		_, err := p.Wait(ctx)
+		waited <- err
+	}()
+	select {
+	case err := <-waited:
+		t.Fatalf("Wait returned (%v) before the batch was committed", err)
+	case <-time.After(20 * time.Millisecond):
+	}
+
+	close(release)
+	if err := <-held; err != nil {
+		t.Fatal(err)
+	}
+	if err := <-waited; err != nil {
+		t.Fatal(err)
+	}
+	if _, err := pd.Wait(ctx); err != nil {
+		t.Fatal(err)
+	}
+	r := <-again
+	if r.err != nil || len(r.removed) != 0 {
+		t.Fatalf("second delete of the entry: removed %v, %v; want nothing", r.removed, r.err)
+	}
+	if _, err := r.p.Wait(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := s.Read(ctx, b, 0, 10); err != nil || len(got) != 1 || string(got[0].Data) != "queued" {
+		t.Fatalf("bob's mailbox: %v, %v; want the queued entry", got, err)
+	}
+	if got, err := s.Read(ctx, c, 0, 10); err != nil || len(got) != 1 || string(got[0].Data) != "receipt" {
+		t.Fatalf("carol's mailbox: %v, %v; want one receipt", got, err)
+	}
+	if left, err := s.Read(ctx, a, 0, 10); err != nil || len(left) != 0 {
+		t.Fatalf("alice's mailbox: %v, %v; want it empty", left, err)
+	}
+	if d := s.Depth(); d != 2 {
+		t.Fatalf("depth %d, want 2", d)
+	}
+}

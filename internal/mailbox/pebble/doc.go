@@ -25,9 +25,11 @@
 // shares the next sync among them, while a second goroutine, the syncer,
 // waits for each group's sync in order. So concurrent appends cost far
 // fewer than one fsync and one trip through Pebble's commit pipeline each.
-// StartAppend (mailbox.Sequencer) returns once a batch is published and
-// lets the caller wait for its sync later, so that one connection can
-// order several sends one after another without waiting for each fsync.
+// StartAppend (mailbox.Sequencer) returns once a batch is queued for the
+// committer, with its seqs, and lets the caller wait for its sync later,
+// so that one connection can order several sends one after another
+// without waiting for each fsync (or for the committer: the locks that
+// order a device's batches are the committer's to release).
 //
 // Seqs need care: readers page through a mailbox with "after seq N", so if
 // seq 7 became visible before seq 6, a reader could take 7, move past it,

@@ -368,9 +368,11 @@ func (s *Store) Append(ctx context.Context, b mailbox.Batch) (mailbox.Result, er
 }
 
 // StartAppend implements mailbox.Sequencer: it returns once the batch is
-// published (its seqs assigned and visible to readers, after every batch
-// published before), and the returned Pending reports when it is durable.
-// The batch is committed whether or not Wait is called.
+// queued for the committer (its seqs assigned, after those of every batch
+// queued before for the same devices; it becomes visible to readers when
+// the committer publishes it, in queue order), and the returned Pending
+// reports when it is durable, or that its commit failed. The batch is
+// committed whether or not Wait is called.
 //
 // Seqs are allocated while holding the append lock of every device in the
 // batch, and the lock is kept until the committer has published the batch
@@ -384,7 +386,7 @@ func (s *Store) StartAppend(ctx context.Context, b mailbox.Batch) (mailbox.Pendi
 	return p, nil
 }
 
-// pending is an append that has been published.
+// pending is an append (or a delete) that has been queued.
 type pending struct {
 	s    *Store
 	req  *commitReq // nil: already done (a duplicate, an empty batch)
@@ -438,7 +440,7 @@ func (s *Store) startAppend(ctx context.Context, b mailbox.Batch) (*pending, err
 		when = time.Now()
 	}
 
-	r := &commitReq{sync: true, isAppend: true, published: make(chan struct{}), done: make(chan struct{})}
+	r := &commitReq{sync: true, isAppend: true, done: make(chan struct{})}
 	queued := false
 	defer func() {
 		if !queued {
@@ -507,14 +509,11 @@ func (s *Store) startAppend(ctx context.Context, b mailbox.Batch) (*pending, err
 		return nil, s.closedErr()
 	}
 	queued = true
-	select {
-	case <-r.published:
-	case <-s.failed:
-		return nil, s.failure()
-	}
-	if r.pubErr != nil {
-		return nil, r.pubErr
-	}
+	// Ordered: the seqs are taken, and the device locks, which the
+	// committer releases once the batch is published, keep every later
+	// append of these devices behind it. Not waiting for the publication
+	// here spares the caller a wake-up: Wait waits for the sync anyway,
+	// and reports a failed commit as it reports a failed sync.
 	return &pending{s: s, req: r, res: mailbox.Result{Seqs: seqs, Receipt: b.Receipt}}, nil
 }
 
@@ -534,8 +533,8 @@ func (s *Store) addEntries(ctx context.Context, r *commitReq, batch *pebbledb.Ba
 		return nil, s.lockErr(err)
 	}
 	// Released by the committer as soon as the batch is published (see
-	// published), or by the caller's releaseLocks on the paths that never
-	// get there.
+	// publishedAppend), or by the caller's releaseLocks on the paths that
+	// never get there.
 	r.held = held
 
 	// Another append may have failed the store while we waited; Pebble's
@@ -892,12 +891,16 @@ func (s *Store) startDeleteAppend(ctx context.Context, dels []mailbox.DeleteAppe
 		return nil, nil, err
 	}
 
+	// The delete locks are held until the batch is published (by the
+	// committer), or released here if it is never queued.
+	r := newCommitReq(nil, false)
 	if len(dels) == 1 {
 		dl, err := s.locks.acquire(ctx, lockDeletePrefix+string(ids[0]), s.failed)
 		if err != nil {
 			return nil, nil, s.lockErr(err)
 		}
-		defer s.locks.release(dl)
+		r.delOne[0] = dl
+		r.delHeld = r.delOne[:]
 	} else {
 		names := make([]string, len(dels))
 		for i, id := range ids {
@@ -907,7 +910,7 @@ func (s *Store) startDeleteAppend(ctx context.Context, dels []mailbox.DeleteAppe
 		if err != nil {
 			return nil, nil, s.lockErr(err)
 		}
-		defer s.locks.releaseAll(held)
+		r.delHeld = held
 	}
 
 	batch := s.db.NewBatch()
@@ -915,6 +918,7 @@ func (s *Store) startDeleteAppend(ctx context.Context, dels []mailbox.DeleteAppe
 	defer func() {
 		if !queued {
 			batch.Close()
+			r.releaseDeleteLocks(s)
 		}
 	}()
 	n := 0
@@ -939,8 +943,7 @@ func (s *Store) startDeleteAppend(ctx context.Context, dels []mailbox.DeleteAppe
 			return nil, nil, err
 		}
 	}
-	r := newCommitReq(batch, false)
-	r.published = make(chan struct{})
+	r.batch = batch
 	var appended []uint64
 	if len(items) > 0 {
 		r.sync, r.isAppend = true, true
@@ -976,21 +979,14 @@ func (s *Store) startDeleteAppend(ctx context.Context, dels []mailbox.DeleteAppe
 		return nil, nil, err
 	}
 
-	// From here on the batch is the committer's.
+	// From here on the batch, and the locks, are the committer's.
 	r.size = batch.Len()
+	r.removed = n
 	if !s.queue.push(r) {
 		return nil, nil, s.closedErr()
 	}
 	queued = true
-	select {
-	case <-r.published:
-	case <-s.failed:
-		return nil, nil, s.failure()
-	}
-	if r.pubErr != nil {
-		return nil, nil, r.pubErr
-	}
-	s.depth.Add(-int64(n))
+	// Not waiting for the publication: as in startAppend.
 	if !r.isAppend {
 		appended = []uint64{}
 	}
