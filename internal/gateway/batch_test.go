@@ -2,25 +2,15 @@ package gateway
 
 import (
 	"context"
-	"encoding/base64"
 	"fmt"
-	"net/http"
-	"net/http/httptest"
-	"strings"
 	"testing"
 	"time"
 
-	"github.com/cockroachdb/pebble/v2/vfs"
 	"github.com/coder/websocket"
-	"github.com/prometheus/client_golang/prometheus"
 	"google.golang.org/protobuf/proto"
 
-	"github.com/courier-im/courier/internal/auth"
-	"github.com/courier-im/courier/internal/auth/authtest"
 	"github.com/courier-im/courier/internal/delivery"
 	"github.com/courier-im/courier/internal/ident"
-	"github.com/courier-im/courier/internal/mailbox/pebble"
-	"github.com/courier-im/courier/internal/metrics"
 	pb "github.com/courier-im/courier/proto/courier/v1"
 )
 
@@ -33,31 +23,8 @@ import (
 func TestBatchedWritesOverSockets(t *testing.T) {
 	for _, transport := range []string{TransportGoroutine, TransportEpoll} {
 		t.Run(transport, func(t *testing.T) {
-			accts := authtest.New()
-			alice, cred, err := accts.Register("alice")
-			if err != nil {
-				t.Fatal(err)
-			}
-			if _, _, err := accts.Register("bob"); err != nil {
-				t.Fatal(err)
-			}
-			mb, err := pebble.Open("mailbox", pebble.Options{FS: vfs.NewMem()})
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer mb.Close()
-			m := metrics.New(prometheus.NewRegistry())
-			var n notifyTo
-			svc := delivery.New(delivery.Config{Mailbox: mb, Accounts: accts, Notifier: &n, Metrics: m})
-			g, err := Open(Config{Accounts: accts, Mailbox: mb, Delivery: svc, Auth: &auth.Authenticator{Accounts: accts},
-				Metrics: m, WriteTimeout: 5 * time.Second, Transport: transport})
-			if err != nil {
-				t.Fatal(err)
-			}
-			n.g = g
-			srv := httptest.NewServer(g)
-			defer srv.Close()
-			defer g.Shutdown(context.Background())
+			fx := newSocketFixture(t, transport, 0, false)
+			svc, alice := fx.svc, fx.alice
 
 			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 			defer cancel()
@@ -70,13 +37,7 @@ func TestBatchedWritesOverSockets(t *testing.T) {
 				}
 			}
 
-			hdr := http.Header{"Authorization": {"Basic " + base64.StdEncoding.EncodeToString([]byte(alice.String()+":"+cred))}}
-			ws, _, err := websocket.Dial(ctx, "ws"+strings.TrimPrefix(srv.URL, "http")+"/", &websocket.DialOptions{HTTPHeader: hdr})
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer ws.CloseNow()
-			ws.SetReadLimit(-1)
+			ws := fx.dial(ctx, t)
 			write := func(f *pb.ClientFrame) {
 				t.Helper()
 				b, err := proto.Marshal(f)
