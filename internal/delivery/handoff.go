@@ -37,7 +37,18 @@ type StoredEntry struct {
 	// what a connection keeps of an entry in flight, so that it need not
 	// decode Data for it. It is shared like Data: never modify it.
 	Head *pb.Envelope
+	// Few says that the append stored entries for few devices (at most
+	// fewDevices: a 1:1 message, a receipt), so the notifier may deliver
+	// this one on the calling goroutine rather than hand the delivery to
+	// another: the caller's wait is short, and the hand-off would cost
+	// more. A group message's entries leave Few unset: their deliveries
+	// are better spread over goroutines.
+	Few bool
 }
+
+// fewDevices is the most devices an append may store entries for and set
+// StoredEntry.Few.
+const fewDevices = 4
 
 // notifyStored tells the devices of items that the append that began at
 // began has made them durable, with seqs the seqs it took (Result.Seqs),
@@ -54,8 +65,9 @@ func (s *Service) notifyStored(items []mailbox.Item, seqs []uint64, began time.T
 		}
 		return
 	}
+	few := len(items) <= fewDevices
 	for i, it := range items {
-		en.NotifyEntry(it.Device, StoredEntry{Seq: seqs[i], Data: it.Data, Began: began, Head: heads.of(i)})
+		en.NotifyEntry(it.Device, StoredEntry{Seq: seqs[i], Data: it.Data, Began: began, Head: heads.of(i), Few: few})
 	}
 }
 

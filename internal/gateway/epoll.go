@@ -870,6 +870,18 @@ func (c *conn) pumpPoke() {
 	}
 }
 
+// pumpHere runs the pump on the calling goroutine if it is idle (else
+// pokes it): for an entry just handed over, when its append stored few
+// entries (delivery.StoredEntry.Few), a job for a worker would cost more
+// than the delivery itself, and a wait in the worker's queue besides.
+func (c *conn) pumpHere() {
+	if c.ev.pump.CompareAndSwap(0, 1) {
+		c.pump()
+		return
+	}
+	c.pumpPoke()
+}
+
 // pump sends mailbox entries until the window is full or the mailbox has
 // no more, then returns; a poke while it runs makes it go round again.
 func (c *conn) pump() {

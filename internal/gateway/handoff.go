@@ -194,6 +194,10 @@ func (g *Gateway) NotifyEntry(dev ident.Device, e delivery.StoredEntry) {
 	g.mu.Unlock()
 	if c != nil {
 		c.hand.hand(e)
+		if e.Few && c.gr == nil {
+			c.pumpHere()
+			return
+		}
 		c.poke()
 	}
 }
