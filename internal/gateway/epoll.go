@@ -203,7 +203,7 @@ const (
 	evBroken              // the input cannot be parsed further: it is dropped
 	evQueued              // on its flusher's queue (flush.go); cleared when taken off
 	// evWindowFull: the pump stopped with the window full, so an ack
-	// must poke it (set and taken with mu held; see stopPump).
+	// must poke it (set and taken with mu held; see windowStillFull).
 	evWindowFull
 )
 
@@ -905,7 +905,7 @@ func (c *conn) pump() {
 // windowStillFull is called by a pump that found the window full: it
 // reports whether it still is, and if so marks it, so that the next ack
 // pokes the pump. Marked and checked under mu, as acks take the mark
-// (takeWindowFull) where they remove entries from the window: an ack
+// (handleAck) where they remove entries from the window: an ack
 // either made room before this look, or finds the mark after it, so the
 // pump never stops on a window an ack has emptied unseen. An ack that
 // finds no mark pokes nothing: every entry waiting then comes with a

@@ -117,7 +117,8 @@ func (r *commitReq) publishedAppend(s *Store) {
 	r.held = nil
 }
 
-// published runs on the committer once r's batch is published.
+// publish runs on the committer once r's batch is published: it
+// releases what r held until then and uncounts the entries it deleted.
 func (r *commitReq) publish(s *Store) {
 	if r.isAppend {
 		r.publishedAppend(s)
