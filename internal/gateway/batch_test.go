@@ -48,18 +48,7 @@ func TestBatchedWritesOverSockets(t *testing.T) {
 					t.Fatal(err)
 				}
 			}
-			read := func() *pb.ServerFrame {
-				t.Helper()
-				_, b, err := ws.Read(ctx)
-				if err != nil {
-					t.Fatal(err)
-				}
-				var f pb.ServerFrame
-				if err := proto.Unmarshal(b, &f); err != nil {
-					t.Fatal(err)
-				}
-				return &f
-			}
+			read := func() *pb.ServerFrame { t.Helper(); return readFrame(ctx, t, ws) }
 			if read().GetHello() == nil {
 				t.Fatal("first frame is not Hello")
 			}

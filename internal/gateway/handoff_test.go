@@ -210,18 +210,7 @@ func TestDeliverFromAppend(t *testing.T) {
 
 			dial := func() (*websocket.Conn, func() *pb.ServerFrame) {
 				ws := fx.dial(ctx, t)
-				return ws, func() *pb.ServerFrame {
-					t.Helper()
-					_, b, err := ws.Read(ctx)
-					if err != nil {
-						t.Fatal(err)
-					}
-					var f pb.ServerFrame
-					if err := proto.Unmarshal(b, &f); err != nil {
-						t.Fatal(err)
-					}
-					return &f
-				}
+				return ws, func() *pb.ServerFrame { t.Helper(); return readFrame(ctx, t, ws) }
 			}
 			ws, read := dial()
 			defer ws.CloseNow()

@@ -12,6 +12,7 @@ import (
 	"github.com/cockroachdb/pebble/v2/vfs"
 	"github.com/coder/websocket"
 	"github.com/prometheus/client_golang/prometheus"
+	"google.golang.org/protobuf/proto"
 
 	"github.com/courier-im/courier/internal/auth"
 	"github.com/courier-im/courier/internal/auth/authtest"
@@ -19,6 +20,7 @@ import (
 	"github.com/courier-im/courier/internal/ident"
 	"github.com/courier-im/courier/internal/mailbox/pebble"
 	"github.com/courier-im/courier/internal/metrics"
+	pb "github.com/courier-im/courier/proto/courier/v1"
 )
 
 // socketFixture is a gateway served over real sockets (httptest), on a
@@ -83,4 +85,19 @@ func (fx *socketFixture) dial(ctx context.Context, t *testing.T) *websocket.Conn
 	t.Cleanup(func() { ws.CloseNow() })
 	ws.SetReadLimit(-1)
 	return ws
+}
+
+// readFrame reads and decodes the next frame on ws, failing the test on
+// an error (a frame that never comes fails at ctx's deadline).
+func readFrame(ctx context.Context, t *testing.T, ws *websocket.Conn) *pb.ServerFrame {
+	t.Helper()
+	_, b, err := ws.Read(ctx)
+	if err != nil {
+		t.Fatalf("read: %v", err)
+	}
+	var f pb.ServerFrame
+	if err := proto.Unmarshal(b, &f); err != nil {
+		t.Fatal(err)
+	}
+	return &f
 }

@@ -31,18 +31,7 @@ func TestWindowRefillsOnAck(t *testing.T) {
 			ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
 			defer cancel()
 			ws := fx.dial(ctx, t)
-			read := func() *pb.ServerFrame {
-				t.Helper()
-				_, b, err := ws.Read(ctx)
-				if err != nil {
-					t.Fatalf("read (a stalled pump ends here at the deadline): %v", err)
-				}
-				var f pb.ServerFrame
-				if err := proto.Unmarshal(b, &f); err != nil {
-					t.Fatal(err)
-				}
-				return &f
-			}
+			read := func() *pb.ServerFrame { t.Helper(); return readFrame(ctx, t, ws) }
 			if read().GetHello() == nil {
 				t.Fatal("first frame is not Hello")
 			}
